@@ -1,0 +1,38 @@
+"""Exceptions raised for bad user input. Each says what was expected, what was found and what to do."""
+from __future__ import annotations
+
+
+class MoescopeError(Exception):
+    """Base class of every error moescope raises for bad input (the CLI prints these without a traceback)."""
+
+
+class ConfigNotFoundError(MoescopeError):
+    """The checkpoint directory has no config.json."""
+
+
+class UnknownArchitectureError(MoescopeError):
+    """config.json names an architecture moescope has no family description for."""
+
+
+class MissingShardError(MoescopeError):
+    """An index file names a shard that is not on disk, or no weight files were found."""
+
+
+class CorruptCheckpointError(MoescopeError):
+    """A weight file or index cannot be parsed (truncated file, bad header, bad JSON)."""
+
+
+class TensorNotFoundError(MoescopeError):
+    """A tensor the family description needs is in none of the shards."""
+
+
+class ShapeMismatchError(MoescopeError):
+    """A tensor's shape disagrees with what config.json implies."""
+
+
+class UnsupportedDtypeError(MoescopeError):
+    """A tensor is stored in a dtype moescope cannot read or dequantise."""
+
+
+class ConfigError(MoescopeError):
+    """config.json lacks a key the family needs, or holds an impossible value."""
