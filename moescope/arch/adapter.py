@@ -128,9 +128,8 @@ class MoEModel:
         if not self.family.is_moe:
             return None
         r = self.family.routing
-        renorm = r.renormalize if isinstance(r.renormalize, bool) else bool(self.namespace.get(r.renormalize, False))
-        scaling = r.scaling if not isinstance(r.scaling, str) else float(self.namespace.get(r.scaling) or 1.0)
-        return RoutingFacts(self.namespace["top_k"], r.scoring, renorm, float(scaling), r.group_limited,
+        return RoutingFacts(self.namespace["top_k"], r.scoring, bool(self.value(r.renormalize)),
+                            float(self.value(r.scaling) or 1.0), bool(self.value(r.group_limited)),
                             int(self.namespace.get("n_group") or 1), int(self.namespace.get("topk_group") or 1))
 
     @cached_property

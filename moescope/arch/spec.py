@@ -98,10 +98,10 @@ class MatrixSet:
 class Routing:
     """How the router turns logits into scores and choices (documented in docs/families.md)."""
 
-    scoring: str = "softmax"            # softmax | sigmoid | softmax_topk (softmax over the chosen logits only)
-    renormalize: bool | str = False     # bool, or the config key that decides (e.g. "norm_topk_prob")
-    scaling: float | str = 1.0          # constant or config key (routed_scaling_factor)
-    group_limited: bool = False         # DeepSeek-V3 style n_group / topk_group selection
+    scoring: str = "softmax"            # softmax | sigmoid | softmax_topk (softmax over the chosen logits) | sparsemixer
+    renormalize: bool | str = False     # constant, or an expression over config (e.g. "norm_topk_prob")
+    scaling: float | str = 1.0          # constant or expression (e.g. "routed_scaling_factor")
+    group_limited: bool | str = False   # n_group / topk_group selection (DeepSeek-V2/V3); constant or expression
     note: str = ""
 
 

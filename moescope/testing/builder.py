@@ -118,9 +118,10 @@ def build_checkpoint(family: str, path: str | Path, *, reference: str | None = N
         plain(layout.get("layer", []), layer)
         if layer >= model.num_layers:
             plain(layout["extra_layers"].get("tensors", []), layer)
-        if layer in model.moe_layers or layer >= model.num_layers:
+        if layer in model.moe_layers or layer >= model.num_layers:  # extra (MTP) layers are MoE layers too
             plain(layout.get("moe_layer", []), layer)
-            _moe_layer(model, layer, rng, specificity, canonical, truth, store, stored, weight_quant)
+            record = canonical if layer < model.num_layers else {}
+            _moe_layer(model, layer, rng, specificity, record, truth, store, stored, weight_quant)
         elif fam.dense is not None:
             plain(layout.get("dense_layer", []), layer)
             mats = _mlp(rng, model.dense_width, model.hidden_size)
@@ -216,7 +217,7 @@ def _store_packed(src: TensorSource, layer: int, per_expert: torch.Tensor, store
     if src.quant == "mxfp4":
         blocks, scales = quantize_mxfp4(per_expert)
         base = src.name.format(layer=layer)
-        stored[f"{base}_blocks"] = blocks.unflatten(-1, (-1, 16))
+        stored[f"{base}_blocks"] = blocks
         stored[f"{base}_scales"] = scales
         from ..arch.quant import dequantize_mxfp4
         return dequantize_mxfp4(stored[f"{base}_blocks"], scales)

@@ -1,0 +1,127 @@
+"""Facts about a checkpoint, from config.json and shard headers alone (no tensor data is read)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+from .arch.adapter import MoEModel
+
+
+@dataclass
+class ModelFacts:
+    """What ``moescope inspect`` reports."""
+
+    path: str
+    family: str
+    family_title: str
+    architecture: str | None
+    num_layers: int
+    moe_layers: list[int]
+    dense_layers: list[int]
+    num_experts: int
+    num_shared_experts: int
+    shared_expert_width: int | None
+    top_k: int | None
+    scoring: str | None
+    renormalize: bool | None
+    routing_note: str
+    hidden_size: int
+    expert_width: int | None
+    dense_width: int | None
+    config_dtype: str | None
+    stored_dtypes: dict[str, int]
+    total_params: int
+    params_per_expert: int
+    active_params: int
+    num_files: int
+    checkpoint_bytes: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _logical_params(model: MoEModel) -> tuple[int, Counter]:
+    """Parameter count (MXFP4 bytes hold two values; quantisation scales are not parameters) and dtype histogram."""
+    ckpt, total, dtypes = model.checkpoint, 0, Counter()
+    names = set(ckpt.keys())
+    suffix = model.family.fp8_scale_suffix
+    for name in names:
+        info = ckpt.info(name)
+        if name.endswith(suffix) and name[: -len(suffix)] in names:
+            continue
+        if name.endswith("_scales") and name[: -len("_scales")] + "_blocks" in names:
+            continue
+        packed = name.endswith("_blocks") and name[: -len("_blocks")] + "_scales" in names
+        total += info.numel * (2 if packed else 1)
+        dtypes["MXFP4" if packed else info.dtype] += info.numel * (2 if packed else 1)
+    return total, dtypes
+
+
+def describe(model: MoEModel) -> ModelFacts:
+    """Gather the facts ``inspect`` prints; validates tensor names and shapes from headers first."""
+    model.check()
+    total, dtypes = _logical_params(model)
+    routing = model.routing
+    E, width, H = model.num_experts, (model.expert_width if model.family.is_moe else None), model.hidden_size
+    per_expert = 3 * width * H if width else 0
+    if model.family.is_moe and model.family.experts.bias:
+        per_expert += 2 * width + H
+    inactive = len(model.moe_layers) * (E - routing.top_k) * per_expert if routing else 0
+    config = model.config
+    return ModelFacts(
+        path=str(model.checkpoint.path), family=model.family.name, family_title=model.family.title,
+        architecture=(config.get("architectures") or [None])[0], num_layers=model.num_layers,
+        moe_layers=model.moe_layers, dense_layers=model.dense_layers, num_experts=E,
+        num_shared_experts=model.num_shared_members, shared_expert_width=model.shared_width,
+        top_k=routing.top_k if routing else None, scoring=routing.scoring if routing else None,
+        renormalize=routing.renormalize if routing else None, routing_note=model.family.routing.note,
+        hidden_size=H, expert_width=width, dense_width=model.dense_width if model.dense_layers else None,
+        config_dtype=config.get("torch_dtype") or config.get("dtype"), stored_dtypes=dict(dtypes),
+        total_params=total, params_per_expert=per_expert, active_params=total - inactive,
+        num_files=len(model.checkpoint.files), checkpoint_bytes=model.checkpoint.size_bytes,
+    )
+
+
+def _human(n: float, unit: str = "") -> str:
+    for suffix in ("", "K", "M", "G", "T"):
+        if abs(n) < 1000 or suffix == "T":
+            return f"{n:.3g}{suffix}{unit}" if suffix else f"{n:g}{unit}"
+        n /= 1000
+    return str(n)
+
+
+def _ranges(layers: list[int]) -> str:
+    if not layers:
+        return "none"
+    out, start = [], layers[0]
+    for a, b in zip(layers, layers[1:] + [None]):
+        if b != a + 1:
+            out.append(f"{start}" if start == a else f"{start}-{a}")
+            start = b
+    return ", ".join(out)
+
+
+def format_facts(f: ModelFacts) -> str:
+    """Human-readable report of ``ModelFacts``."""
+    lines = [
+        f"checkpoint   {f.path}",
+        f"family       {f.family_title} [{f.family}]  ({f.architecture})",
+        f"layers       {f.num_layers}: MoE {_ranges(f.moe_layers)}; dense {_ranges(f.dense_layers)}",
+    ]
+    if f.num_experts:
+        shared = (f"{f.num_shared_experts} shared (width {f.shared_expert_width})" if f.num_shared_experts
+                  else "no shared experts")
+        lines += [
+            f"experts      {f.num_experts} routed, {shared}",
+            f"routing      top-{f.top_k}, {f.scoring}, {'renormalised' if f.renormalize else 'not renormalised'}"
+            + (f"  ({f.routing_note})" if f.routing_note else ""),
+        ]
+    lines += [
+        f"sizes        hidden {f.hidden_size}" + (f", expert width {f.expert_width}" if f.expert_width else "")
+        + (f", dense FFN width {f.dense_width}" if f.dense_width else ""),
+        f"dtype        config {f.config_dtype}; stored " + ", ".join(f"{k} {_human(v)}" for k, v in f.stored_dtypes.items()),
+        f"parameters   {_human(f.total_params)} total" + (f", {_human(f.active_params)} active per token, "
+                                                        f"{_human(f.params_per_expert)} per expert" if f.num_experts else ""),
+        f"files        {f.num_files} shard(s), {_human(f.checkpoint_bytes, 'B')}",
+    ]
+    return "\n".join(lines)
