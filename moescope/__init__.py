@@ -1,7 +1,10 @@
 """moescope: open up Mixture-of-Experts language models and see how their experts and routers behave."""
+from ._version import __version__
 from .arch import MoEModel, families, get_family, open_model
 from .checkpoint import Checkpoint
 from .errors import MoescopeError
+from .results import Results, load_results
+from .static.run import WeightsOptions, weights
 
-__version__ = "0.1.0"
-__all__ = ["Checkpoint", "MoEModel", "MoescopeError", "families", "get_family", "open_model", "__version__"]
+__all__ = ["Checkpoint", "MoEModel", "MoescopeError", "Results", "WeightsOptions", "families", "get_family",
+           "load_results", "open_model", "weights", "__version__"]

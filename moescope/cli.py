@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 
-from . import __version__
+from ._version import __version__
 from .errors import MoescopeError
 
 
@@ -37,6 +37,32 @@ def _cmd_tiny(args: argparse.Namespace) -> None:
     print(f"wrote a tiny {args.family} checkpoint to {built.path}")
 
 
+def _cmd_weights(args: argparse.Namespace) -> None:
+    from .static.run import WeightsOptions, weights
+
+    layers = None if args.layers in (None, "all") else _parse_layers(args.layers)
+    options = WeightsOptions(layers=layers, matrices=tuple(args.matrices.split(",")),
+                             neuron_level=not args.no_neuron_level, pairs=args.pairs,
+                             pca_components=args.pca_components)
+    results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume)
+    r2 = results.summary.get("gate_r2_mean", {})
+    print(f"wrote {len(results.layers)} layer(s) to {results.path}")
+    for m, kinds in r2.items():
+        print(f"  gate-embedding R² ({m}): matrix-level {_fmt(kinds['flat'])}, neuron-averaged {_fmt(kinds['averaged'])}")
+
+
+def _fmt(x) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
+def _parse_layers(text: str) -> list[int]:
+    layers: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        layers.extend(range(int(lo), int(hi or lo) + 1))
+    return layers
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moescope", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"moescope {__version__}")
@@ -51,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("families", help="list supported model families")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_families)
+
+    p = sub.add_parser("weights", help="static analyses of expert weights (similarity, neuron matching, "
+                                        "gate regression, PCA), layer by layer")
+    p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
+    p.add_argument("--dense", help="a dense model whose FFN joins each layer as member 'F' (e.g. Mistral-7B)")
+    p.add_argument("--layers", default="all", help="'all' (default) or a list like 0,3,8-11")
+    p.add_argument("--matrices", default="gate,up,down", help="comma-separated subset of gate,up,down")
+    p.add_argument("--no-neuron-level", action="store_true", help="skip neuron matching (the expensive part)")
+    p.add_argument("--pairs", default="all", help="member pairs to match: all | sample:N | top:K")
+    p.add_argument("--pca-components", type=int, default=3)
+    p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
+    p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
+    p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("tiny", help="write a tiny structured checkpoint of a family in its real on-disk layout")
     p.add_argument("family")

@@ -1,0 +1,77 @@
+"""Neuron-level reordering of two members: best one-to-one neuron matching and what it reveals."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.stats import kendalltau
+from torch import Tensor
+
+from .similarity import cosine_matrix, neuron_vectors
+
+
+def solve_assignment(score_matrix: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
+    """Exact linear assignment of ``score_matrix`` [R, C]: (row_ind, col_ind), int64 on its device.
+
+    Every one of the min(R, C) rows (or columns) gets a distinct partner; with R <= C, ``row_ind`` is
+    ``0..R-1`` and ``col_ind[i]`` is the partner of row i. Any optimal matching may be returned on ties.
+    """
+    if score_matrix.ndim != 2 or 0 in score_matrix.shape:
+        raise ValueError(f"solve_assignment needs a non-empty 2-D score matrix, got {tuple(score_matrix.shape)}")
+    if not bool(torch.isfinite(score_matrix).all()):
+        raise ValueError("solve_assignment: the score matrix contains NaN or inf")
+    rows, cols = linear_sum_assignment(score_matrix.detach().cpu().double().numpy(), maximize=maximize)
+    dev = score_matrix.device
+    return torch.as_tensor(rows, dtype=torch.int64, device=dev), torch.as_tensor(cols, dtype=torch.int64, device=dev)
+
+
+def kendall_tau_b(x: Tensor | np.ndarray, y: Tensor | np.ndarray | None = None) -> float:
+    """Kendall's tau-b between ``x`` and ``y`` (default ``0..n-1``); NaN when n < 2 or either is constant."""
+    xs = np.asarray(x.detach().cpu() if isinstance(x, Tensor) else x).ravel()
+    ys = np.arange(xs.size) if y is None else np.asarray(y.detach().cpu() if isinstance(y, Tensor) else y).ravel()
+    if xs.size != ys.size:
+        raise ValueError(f"kendall_tau_b needs inputs of equal length, got {xs.size} and {ys.size}")
+    if xs.size < 2 or np.all(xs == xs[0]) or np.all(ys == ys[0]):
+        return math.nan
+    return float(kendalltau(xs, ys, variant="b").statistic)
+
+
+@dataclass(frozen=True)
+class ReorderResult:
+    """Best neuron matching of members a and b for one matrix.
+
+    ``side`` is the member whose every neuron is matched: 'a' when n_a <= n_b, else 'b'. ``col[i]`` is the
+    partner, in the other member, of neuron i of ``side``; ``matched_cos[i]`` = C[i, col[i]] with C oriented
+    the same way. ``cosine``: cosine of the flattened matrices after permuting the other member's neurons by
+    ``col`` (only matched neurons when widths differ); ``mean_matched``: mean of ``matched_cos``;
+    ``tau``: Kendall's tau-b between ``col`` and ``0..n-1`` (NaN for a single neuron).
+    """
+
+    side: str
+    n_a: int
+    n_b: int
+    col: Tensor
+    matched_cos: Tensor
+    cosine: float
+    mean_matched: float
+    tau: float
+
+
+def reorder_pair(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = torch.float32) -> ReorderResult:
+    """Match the neurons of members a and b (one ``matrix`` each, canonical orientation) one to one."""
+    va, vb = neuron_vectors(wa, matrix).to(dtype), neuron_vectors(wb, matrix).to(dtype)
+    if va.shape[1] != vb.shape[1]:
+        raise ValueError(f"{matrix} matrices of shapes {tuple(wa.shape)} and {tuple(wb.shape)} have different "
+                         "hidden sizes (gate/up must be [I, H], down [H, I])")
+    side = "a" if va.shape[0] <= vb.shape[0] else "b"
+    small, large = (va, vb) if side == "a" else (vb, va)
+    c = cosine_matrix(small, large, dtype=dtype)
+    _, col = solve_assignment(c, maximize=True)
+    matched_cos = c[torch.arange(c.shape[0], device=c.device), col]
+    del c
+    cosine = cosine_matrix(small.reshape(1, -1), large[col].reshape(1, -1), dtype=dtype)
+    return ReorderResult(side=side, n_a=va.shape[0], n_b=vb.shape[0], col=col, matched_cos=matched_cos,
+                         cosine=float(cosine), mean_matched=float(matched_cos.mean()), tau=kendall_tau_b(col))

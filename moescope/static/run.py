@@ -1,0 +1,148 @@
+"""``moescope weights``: every static analysis for every MoE layer, streamed layer by layer, resumable."""
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from ..arch.adapter import MoEModel, open_model
+from ..arch.spec import MATRICES
+from ..results import RunWriter, config_hash, load_results, Results
+from .members import LayerMembers, gather_members
+from .pca import matrix_pca, neuron_pca
+from .regression import gate_embedding_similarity, similarity_regression
+from .reorder import reorder_pair
+from .similarity import member_similarity
+
+
+@dataclass
+class WeightsOptions:
+    """Options of the static analyses (shared by the API and the CLI)."""
+
+    layers: list[int] | None = None          # None: every MoE layer
+    matrices: Sequence[str] = MATRICES
+    neuron_level: bool = True                # neuron matching (the expensive part)
+    pairs: str = "all"                       # all | sample:N | top:K (by matrix-level similarity)
+    pca_components: int = 3
+    seed: int = 0
+    dtype: str = "float64"                   # accumulation dtype of similarities
+
+    def __post_init__(self) -> None:
+        bad = [m for m in self.matrices if m not in MATRICES]
+        if bad:
+            raise ValueError(f"unknown matrices {bad}; choose from {list(MATRICES)}")
+        kind, _, n = self.pairs.partition(":")
+        if kind not in ("all", "sample", "top") or (kind != "all" and not n.isdigit()):
+            raise ValueError(f"--pairs must be 'all', 'sample:N' or 'top:K', got {self.pairs!r}")
+
+
+def select_pairs(similarity: torch.Tensor, spec: str, seed: int = 0) -> list[tuple[int, int]]:
+    """Member pairs (a < b) to match: all, a seeded sample of N, or the top K by matrix-level similarity."""
+    n = similarity.shape[0]
+    pairs = [(a, b) for a in range(n) for b in range(a + 1, n)]
+    kind, _, count = spec.partition(":")
+    if kind == "sample":
+        return sorted(random.Random(seed).sample(pairs, min(int(count), len(pairs))))
+    if kind == "top":
+        key = lambda p: -float(similarity[p]) if not math.isnan(float(similarity[p])) else math.inf  # noqa: E731
+        return sorted(sorted(pairs, key=key)[: int(count)])
+    return pairs
+
+
+def _matrix_results(members: LayerMembers, router_sim: torch.Tensor, opts: WeightsOptions,
+                    dtype: torch.dtype) -> tuple[dict, dict]:
+    """All analyses of one layer and matrix: (tables for JSON, tensors for safetensors)."""
+    m = members.matrix
+    n, E = len(members.labels), members.num_routed
+    flat = member_similarity(members.matrices, m, dtype=dtype)
+    avg = member_similarity(members.matrices, m, averaged=True, dtype=dtype)
+    tensors = {"matrix_similarity": flat, "neuron_avg_similarity": avg}
+    tables: dict = {"gate_regression": {kind: _regression(sim[:E, :E], router_sim)
+                                        for kind, sim in (("flat", flat), ("averaged", avg))}}
+    if opts.neuron_level:
+        reordered, matched, tau = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(3))
+        for i in range(n):
+            reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
+        sides = {}
+        for a, b in select_pairs(flat, opts.pairs, opts.seed):
+            r = reorder_pair(members.matrices[a], members.matrices[b], m, dtype=dtype)
+            reordered[a, b] = reordered[b, a] = r.cosine
+            matched[a, b] = matched[b, a] = r.mean_matched
+            tau[a, b] = tau[b, a] = r.tau
+            pair = f"{members.labels[a]}-{members.labels[b]}"
+            tensors[f"permutations.{pair}"] = r.col.cpu()
+            sides[pair] = members.labels[a] if r.side == "a" else members.labels[b]
+        tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau)
+        tables["permutation_side"] = sides
+    widths = members.widths
+    same = [i for i, w in enumerate(widths) if w == widths[0]]
+    if len(same) >= 2:
+        pca = matrix_pca([members.matrices[i] for i in same], k=min(opts.pca_components, len(same)))
+        tensors.update(pca_matrix=pca.coords, pca_matrix_evr=pca.explained_variance_ratio)
+        tables["pca_matrix_members"] = [members.labels[i] for i in same]
+    pca = neuron_pca(members.matrices, m, k=opts.pca_components)
+    tensors.update(pca_neuron=pca.coords, pca_neuron_evr=pca.explained_variance_ratio)
+    tables["pca_neuron_members"] = {members.labels[i]: w for i, w in enumerate(widths)}
+    return tables, {k: v.detach().cpu() for k, v in tensors.items()}
+
+
+def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
+    fit = similarity_regression(expert_sim, router_sim)
+    return {"r": fit.r, "r2": fit.r2, "slope": fit.slope, "intercept": fit.intercept, "n_pairs": fit.n_pairs}
+
+
+def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Path = "moescope-runs/weights",
+            options: WeightsOptions | None = None, resume: bool = True, progress: bool = True) -> Results:
+    """Run the static analyses of PAPER.md on every MoE layer of ``path``; write and return the results."""
+    opts = options or WeightsOptions()
+    model = open_model(path)
+    dense_model = open_model(dense) if dense is not None else None
+    layers = model.moe_layers if opts.layers is None else opts.layers
+    bad = [l for l in layers if l not in model.moe_layers]
+    if bad:
+        raise ValueError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
+    dtype = getattr(torch, opts.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
+                  "config_sha256": config_hash(model.config),
+                  "dense": None if dense_model is None else {"path": str(dense_model.checkpoint.path),
+                                                             "config_sha256": config_hash(dense_model.config)}}
+    writer = RunWriter.open(out, "weights", {**asdict(opts), "layers": layers, "matrices": list(opts.matrices)},
+                            checkpoint, resume=resume)
+    todo = [l for l in layers if not writer.done(l)]
+    bar = tqdm(total=len(todo) * len(opts.matrices), desc="weights", unit="matrix", disable=not progress)
+    for layer in todo:
+        router_sim = gate_embedding_similarity(model.router(layer).to(device), dtype=dtype)
+        tables: dict = {"dense_layers_skipped": model.dense_layers}
+        tensors = {"router_similarity": router_sim.cpu()}
+        for m in opts.matrices:
+            bar.set_postfix(layer=layer, matrix=m)
+            members = gather_members(model, layer, m, dense_model, device=device)
+            tables["labels"] = members.labels
+            tables["widths"] = members.widths
+            t, x = _matrix_results(members, router_sim, opts, dtype)
+            tables[m] = t
+            tensors.update({f"{m}.{k}": v for k, v in x.items()})
+            bar.update()
+        writer.write_layer(layer, tables, tensors)
+    bar.close()
+    results = load_results(writer.out)
+    writer.write_summary(_summary(results, model, opts))
+    return load_results(writer.out)
+
+
+def _summary(results: Results, model: MoEModel, opts: WeightsOptions) -> dict:
+    r2 = {m: {kind: _mean([results[f"layer{l}.{m}.gate_regression.{kind}.r2"] for l in results.layers])
+              for kind in ("flat", "averaged")} for m in opts.matrices}
+    return {"family": model.family.name, "moe_layers": model.moe_layers, "dense_layers": model.dense_layers,
+            "layers_done": results.layers, "gate_r2_mean": r2}
+
+
+def _mean(values: list[float]) -> float | None:
+    finite = [v for v in values if v is not None and not math.isnan(v)]
+    return sum(finite) / len(finite) if finite else None
