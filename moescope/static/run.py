@@ -82,10 +82,10 @@ def _matrix_results(members: LayerMembers, router_sim: torch.Tensor, opts: Weigh
     widths = members.widths
     same = [i for i, w in enumerate(widths) if w == widths[0]]
     if len(same) >= 2:
-        pca = matrix_pca([members.matrices[i] for i in same], k=min(opts.pca_components, len(same)))
+        pca = matrix_pca([members.matrices[i] for i in same], k=min(opts.pca_components, len(same) - 1), dtype=dtype)
         tensors.update(pca_matrix=pca.coords, pca_matrix_evr=pca.explained_variance_ratio)
         tables["pca_matrix_members"] = [members.labels[i] for i in same]
-    pca = neuron_pca(members.matrices, m, k=opts.pca_components)
+    pca = neuron_pca(members.matrices, m, k=opts.pca_components, dtype=dtype)
     tensors.update(pca_neuron=pca.coords, pca_neuron_evr=pca.explained_variance_ratio)
     tables["pca_neuron_members"] = {members.labels[i]: w for i, w in enumerate(widths)}
     return tables, {k: v.detach().cpu() for k, v in tensors.items()}
