@@ -182,7 +182,7 @@ def test_interrupted_run_resumes_identically(tiny, tmp_path, monkeypatch):
     built = tiny("deepseek", dtype="float32")
     full = moescope.weights(built.path, out=tmp_path / "full", progress=False)
     import moescope.static.run as run
-    original, calls = run._matrix_results, {"n": 0}
+    original, calls = run._matrix_level, {"n": 0}
 
     def failing(*args, **kwargs):
         calls["n"] += 1
@@ -190,13 +190,13 @@ def test_interrupted_run_resumes_identically(tiny, tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(run, "_matrix_results", failing)
+    monkeypatch.setattr(run, "_matrix_level", failing)
     with pytest.raises(KeyboardInterrupt):
         moescope.weights(built.path, out=tmp_path / "resumed", progress=False)
     assert [p.name for p in sorted((tmp_path / "resumed" / "layers").iterdir())] == ["layer001.json", "layer001.safetensors"]
-    monkeypatch.setattr(run, "_matrix_results", original)
+    monkeypatch.setattr(run, "_matrix_level", original)
     seen = []
-    monkeypatch.setattr(run, "gather_members", lambda model, layer, *a, **k: _gather(seen, model, layer, *a, **k))
+    monkeypatch.setattr(run, "_matrix_level", lambda model, layer, *a, **k: seen.append(layer) or original(model, layer, *a, **k))
     resumed = moescope.weights(built.path, out=tmp_path / "resumed", progress=False)
     assert set(seen) == {2}
     for key in full.keys():
@@ -207,10 +207,14 @@ def test_interrupted_run_resumes_identically(tiny, tmp_path, monkeypatch):
             assert json.dumps(a) == json.dumps(b), key
 
 
-def _gather(seen, model, layer, *args, **kwargs):
-    from moescope.static.members import gather_members
-    seen.append(layer)
-    return gather_members(model, layer, *args, **kwargs)
+def test_small_memory_budget_streams_the_same_numbers(tiny, tmp_path):
+    built = tiny("deepseek", dtype="float32")
+    opts = dict(layers=[1], neuron_level=False)
+    big = moescope.weights(built.path, out=tmp_path / "big", progress=False, options=WeightsOptions(**opts))
+    small = moescope.weights(built.path, out=tmp_path / "small", progress=False,
+                             options=WeightsOptions(**opts, memory_budget=2000))  # a few rows per chunk
+    for key in ("gate.matrix_similarity", "down.neuron_avg_similarity", "up.pca_matrix", "down.pca_matrix"):
+        torch.testing.assert_close(big[f"layer1.{key}"], small[f"layer1.{key}"], rtol=0, atol=1e-12)
 
 
 def test_cli_writes_and_load_results_reads(tiny, tmp_path, capsys):

@@ -215,6 +215,35 @@ class MoEModel:
         return self._read(self.family.dense.source(matrix), layer,
                           _canonical(matrix, self.dense_width, self.hidden_size), f"dense {matrix}")
 
+    def member_labels(self, layer: int) -> list[str]:
+        """Members of an MoE layer: routed experts ``e0..`` then shared members ``shared0..``."""
+        self._require_moe(layer)
+        return [f"e{i}" for i in range(self.num_experts)] + [f"shared{i}" for i in range(self.num_shared_members)]
+
+    def member_widths(self, layer: int) -> list[int]:
+        """Intermediate width (number of neurons) of each member, in ``member_labels`` order."""
+        return [self.expert_width] * self.num_experts + [self.shared_width] * self.num_shared_members
+
+    def member_rows(self, layer: int, member: str, matrix: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of one member's canonical ``matrix`` (member ``e3`` or ``shared1``).
+
+        Gate/up rows are neurons, down rows are hidden units. Reads only those rows where the stored layout
+        allows (one tensor per expert, not transposed or fused); otherwise reads the member and slices it.
+        """
+        self._require_moe(layer)
+        shared = member.startswith("shared")
+        src = (self.family.shared if shared else self.family.experts).source(matrix)
+        index = int(member[6:] if shared else member[1:])
+        width = self.shared_width if shared else self.expert_width
+        offset, cols = (0, slice(index * width, (index + 1) * width)) if shared and matrix == "down" else \
+            (index * width if shared else 0, None)
+        if src.packing in ("per_expert", "single") and not src.transpose and src.parts == 1 and src.quant is None:
+            rows = self._raw(src, layer, None if shared else index, slice(offset + start, offset + stop))
+        else:
+            full = self.shared_experts(layer, matrix)[index] if shared else self.expert(layer, index, matrix)
+            rows, cols = full[start:stop], None
+        return rows if cols is None else rows[:, cols]
+
     # -- validation without reading data -------------------------------------------------------
     def check(self) -> None:
         """Check from headers alone that every canonical tensor exists with the shape config.json implies."""
@@ -294,9 +323,14 @@ class MoEModel:
             return dequantize_mxfp4(*(self.checkpoint.read(n, rows) for n in names))
         tensor = self.checkpoint.read(names[0], rows)
         if tensor.dtype in FP8_DTYPES:
-            scale = self.checkpoint.read(names[0] + self.family.fp8_scale_suffix, rows)
-            block = self.namespace.get("quantization_config", {}).get("weight_block_size", [128, 128])
-            return dequantize_fp8_blocks(tensor, scale, tuple(block))
+            block = tuple(self.namespace.get("quantization_config", {}).get("weight_block_size", [128, 128]))
+            scale_rows = rows
+            if isinstance(rows, slice):  # a row range of a 2-D weight: the scales of its row blocks
+                if rows.start % block[0]:
+                    raise ValueError(f"fp8 row slices must start on a {block[0]}-row block boundary")
+                scale_rows = slice(rows.start // block[0], -(-rows.stop // block[0]))
+            scale = self.checkpoint.read(names[0] + self.family.fp8_scale_suffix, scale_rows)
+            return dequantize_fp8_blocks(tensor, scale, block)
         if not tensor.is_floating_point():
             raise UnsupportedDtypeError(
                 f"tensor '{names[0]}' is stored as {tensor.dtype}; moescope reads float weights (fp32, fp16, bf16), "

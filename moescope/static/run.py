@@ -14,10 +14,10 @@ from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
 from ..results import RunWriter, config_hash, load_results, Results
 from .members import LayerMembers, gather_members
-from .pca import matrix_pca, neuron_pca
+from .pca import neuron_pca
 from .regression import gate_embedding_similarity, similarity_regression
 from .reorder import reorder_pair
-from .similarity import member_similarity
+from .stream import stream_layer
 
 
 @dataclass
@@ -30,7 +30,8 @@ class WeightsOptions:
     pairs: str = "all"                       # all | sample:N | top:K (by matrix-level similarity)
     pca_components: int = 3
     seed: int = 0
-    dtype: str = "float64"                   # accumulation dtype of similarities
+    dtype: str = "float64"                   # accumulation dtype of neuron-level analyses
+    memory_budget: int = 2 << 30             # bytes for one streamed chunk of a layer (matrix-level pass)
 
     def __post_init__(self) -> None:
         bad = [m for m in self.matrices if m not in MATRICES]
@@ -54,41 +55,57 @@ def select_pairs(similarity: torch.Tensor, spec: str, seed: int = 0) -> list[tup
     return pairs
 
 
-def _matrix_results(members: LayerMembers, router_sim: torch.Tensor, opts: WeightsOptions,
-                    dtype: torch.dtype) -> tuple[dict, dict]:
-    """All analyses of one layer and matrix: (tables for JSON, tensors for safetensors)."""
-    m = members.matrix
-    n, E = len(members.labels), members.num_routed
-    flat = member_similarity(members.matrices, m, dtype=dtype)
-    avg = member_similarity(members.matrices, m, averaged=True, dtype=dtype)
-    tensors = {"matrix_similarity": flat, "neuron_avg_similarity": avg}
-    tables: dict = {"gate_regression": {kind: _regression(sim[:E, :E], router_sim)
-                                        for kind, sim in (("flat", flat), ("averaged", avg))}}
-    if opts.neuron_level:
-        reordered, matched, tau = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(3))
-        for i in range(n):
-            reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
-        sides = {}
-        for a, b in select_pairs(flat, opts.pairs, opts.seed):
-            r = reorder_pair(members.matrices[a], members.matrices[b], m, dtype=dtype)
-            reordered[a, b] = reordered[b, a] = r.cosine
-            matched[a, b] = matched[b, a] = r.mean_matched
-            tau[a, b] = tau[b, a] = r.tau
-            pair = f"{members.labels[a]}-{members.labels[b]}"
-            tensors[f"permutations.{pair}"] = r.col.cpu()
-            sides[pair] = members.labels[a] if r.side == "a" else members.labels[b]
-        tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau)
-        tables["permutation_side"] = sides
-    widths = members.widths
-    same = [i for i, w in enumerate(widths) if w == widths[0]]
-    if len(same) >= 2:
-        pca = matrix_pca([members.matrices[i] for i in same], k=min(opts.pca_components, len(same) - 1), dtype=dtype)
-        tensors.update(pca_matrix=pca.coords, pca_matrix_evr=pca.explained_variance_ratio)
-        tables["pca_matrix_members"] = [members.labels[i] for i in same]
+def _member_readers(model: MoEModel, layer: int, matrix: str, labels: list[str],
+                    dense_matrix: torch.Tensor | None) -> list:
+    """A row reader per member: routed and shared members read their rows from disk, F from memory."""
+    def reader(label: str):
+        if label == "F":
+            return lambda start, stop: dense_matrix[start:stop]
+        return lambda start, stop: model.member_rows(layer, label, matrix, start, stop)
+    return [reader(label) for label in labels]
+
+
+def _matrix_level(model: MoEModel, layer: int, matrix: str, labels: list[str], widths: list[int],
+                  dense_matrix: torch.Tensor | None, opts: WeightsOptions, device) -> tuple[dict, dict]:
+    """Matrix-level and neuron-averaged similarity (+ matrix-level PCA of the routed group), streamed."""
+    n, H = len(labels), model.hidden_size
+    flat, avg = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(2))
+    readers = _member_readers(model, layer, matrix, labels, dense_matrix)
+    tensors, tables = {}, {}
+    for width in dict.fromkeys(widths):  # one group per width, routed experts' first
+        idx = [i for i, w in enumerate(widths) if w == width]
+        rows, cols = (H, width) if matrix == "down" else (width, H)
+        streamed = stream_layer([readers[i] for i in idx], rows, cols, 1 if matrix == "down" else 0,
+                                k=opts.pca_components, budget_bytes=opts.memory_budget, device=device)
+        ix = torch.tensor(idx)
+        flat[ix[:, None], ix[None, :]] = streamed.matrix_similarity.cpu()
+        avg[ix[:, None], ix[None, :]] = streamed.averaged_similarity.cpu()
+        if width == widths[0] and streamed.pca_coords is not None:
+            tensors.update(pca_matrix=streamed.pca_coords, pca_matrix_evr=streamed.pca_evr)
+            tables["pca_matrix_members"] = [labels[i] for i in idx]
+    tensors.update(matrix_similarity=flat, neuron_avg_similarity=avg)
+    return tables, tensors
+
+
+def _neuron_level(members: LayerMembers, flat: torch.Tensor, opts: WeightsOptions, dtype) -> tuple[dict, dict]:
+    """Neuron matching of the chosen member pairs and neuron-level PCA."""
+    m, n = members.matrix, len(members.labels)
+    reordered, matched, tau = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(3))
+    for i in range(n):
+        reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
+    tensors, sides = {}, {}
+    for a, b in select_pairs(flat, opts.pairs, opts.seed):
+        r = reorder_pair(members.matrices[a], members.matrices[b], m, dtype=dtype)
+        reordered[a, b] = reordered[b, a] = r.cosine
+        matched[a, b] = matched[b, a] = r.mean_matched
+        tau[a, b] = tau[b, a] = r.tau
+        pair = f"{members.labels[a]}-{members.labels[b]}"
+        tensors[f"permutations.{pair}"] = r.col
+        sides[pair] = members.labels[a] if r.side == "a" else members.labels[b]
     pca = neuron_pca(members.matrices, m, k=opts.pca_components, dtype=dtype)
-    tensors.update(pca_neuron=pca.coords, pca_neuron_evr=pca.explained_variance_ratio)
-    tables["pca_neuron_members"] = {members.labels[i]: w for i, w in enumerate(widths)}
-    return tables, {k: v.detach().cpu() for k, v in tensors.items()}
+    tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau,
+                   pca_neuron=pca.coords, pca_neuron_evr=pca.explained_variance_ratio)
+    return {"permutation_side": sides}, tensors
 
 
 def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
@@ -122,12 +139,24 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
         tensors = {"router_similarity": router_sim.cpu()}
         for m in opts.matrices:
             bar.set_postfix(layer=layer, matrix=m)
-            members = gather_members(model, layer, m, dense_model, device=device)
-            tables["labels"] = members.labels
-            tables["widths"] = members.widths
-            t, x = _matrix_results(members, router_sim, opts, dtype)
+            labels, widths = model.member_labels(layer), model.member_widths(layer)
+            dense_matrix = None
+            if dense_model is not None:
+                dense_matrix = dense_model.dense_ffn(layer, m).to(device)
+                labels, widths = labels + ["F"], widths + [dense_model.dense_width]
+            t, x = _matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
+            E = model.num_experts
+            t["gate_regression"] = {kind: _regression(x[key][:E, :E], router_sim.cpu()) for kind, key in
+                                    (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
+            if opts.neuron_level:
+                members = gather_members(model, layer, m, dense_model, device=device)
+                t2, x2 = _neuron_level(members, x["matrix_similarity"], opts, dtype)
+                t.update(t2)
+                x.update(x2)
+            t["pca_neuron_members"] = dict(zip(labels, widths))
+            tables.update(labels=labels, widths=widths)
             tables[m] = t
-            tensors.update({f"{m}.{k}": v for k, v in x.items()})
+            tensors.update({f"{m}.{k}": v.detach().cpu() for k, v in x.items()})
             bar.update()
         writer.write_layer(layer, tables, tensors)
     bar.close()
