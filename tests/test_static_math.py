@@ -14,7 +14,7 @@ from moescope.static import (averaged_similarity, averaged_vectors, cosine_matri
                              gate_expert_regression, kendall_tau_b, matrix_pca, matrix_similarity, member_similarity,
                              neuron_cosine, neuron_pca, neuron_points, neuron_vectors, pca_points, reorder_pair,
                              similarity_regression, solve_assignment, standardize)
-import moescope.static.pca as pca_module  # the module (moescope.static.pca_points is the function)
+import moescope.static.similarity as similarity_module
 
 F64 = torch.float64
 SETTINGS = settings(max_examples=25, deadline=None)
@@ -129,6 +129,21 @@ def test_similarity_float32_close_to_float64_and_bfloat16_input():
     np.testing.assert_allclose(matrix_similarity(bf, dtype=F64).numpy(), np_cos_matrix(ref_bf, ref_bf), atol=1e-12)
 
 
+def test_long_dot_products_accumulate_in_float64_blocks(monkeypatch):
+    rng = np.random.default_rng(2)
+    x = rand(rng, 3, 50)
+    monkeypatch.setattr(similarity_module, "DIRECT_K", 10)
+    monkeypatch.setattr(similarity_module, "BLOCK_ELEMS", 20)  # blocks of 3-4 columns
+    np.testing.assert_allclose(cosine_matrix(t(x), t(x[:2]), dtype=F64).numpy(), np_cos_matrix(x, x[:2]), atol=1e-12)
+    monkeypatch.undo()
+    big = torch.from_numpy(rand(rng, 4, 2_000_000)).float()  # 4 flattened 1000 x 2000 matrices
+    big[1] = big[0] + 0.1 * big[1]
+    c = cosine_matrix(big, big.clone())  # one plain float32 GEMM is off by ~1e-4 here
+    ref = matrix_similarity(big, dtype=F64).numpy()
+    np.testing.assert_allclose(c.double().numpy(), ref, atol=1e-6)
+    np.testing.assert_allclose(np.diag(c.double().numpy()), 1.0, atol=1e-6)
+
+
 def test_member_similarity_marks_other_shapes_not_comparable():
     rng = np.random.default_rng(1)
     mats = [rand(rng, 4, 3), rand(rng, 4, 3), rand(rng, 8, 3), rand(rng, 4, 3), rand(rng, 8, 3)]
@@ -178,7 +193,7 @@ def test_solve_assignment_is_optimal(seed, n, extra):
     best, perm = brute_assignment(c)
     assert c[rows.numpy(), cols.numpy()].sum() == pytest.approx(best, abs=1e-12)
     assert tuple(cols.tolist()) == perm  # random scores: the optimum is unique
-    rows_min, cols_min = solve_assignment(t(-c), maximize=False)
+    _, cols_min = solve_assignment(t(-c), maximize=False)
     assert cols_min.tolist() == cols.tolist()
 
 
@@ -322,7 +337,11 @@ def test_standardize_matches_numpy_and_constant_columns_stay_zero():
     rng = np.random.default_rng(5)
     x = rand(rng, 6, 4)
     x[:, 2] = 0.1  # constant, and not exactly representable: must not be divided by a rounding residue
-    z = standardize(t(x).float())
+    x32 = t(x).float()
+    before = x32.clone()
+    z = standardize(x32)
+    assert torch.equal(x32, before)  # the input is never centred in place
+    standardize(t(x), dtype=F64)
     assert torch.all(z[:, 2] == 0)
     ref = (x - x.mean(0)) / x.std(0, ddof=1)
     np.testing.assert_allclose(z.double().numpy()[:, [0, 1, 3]], ref[:, [0, 1, 3]], atol=1e-5)
@@ -334,7 +353,7 @@ def test_pca_points_gram_route_with_blocked_signs(monkeypatch):
     x = rand(rng, 5, 3000)
     coords, ratio = np_pca(x, 3)
     full = pca_points(t(x), 3, dtype=F64)
-    monkeypatch.setattr(pca_module, "_BLOCK_ELEMS", 7)  # blocks of one column
+    monkeypatch.setattr(similarity_module, "BLOCK_ELEMS", 7)  # blocks of one column
     blocked = pca_points(t(x), 3, dtype=F64)
     for res in (full, blocked):
         np.testing.assert_allclose(res.coords.numpy(), coords, atol=1e-8)
@@ -359,7 +378,7 @@ def test_matrix_pca_one_point_per_member():
 @pytest.mark.parametrize("matrix, block", [("gate", None), ("down", 13)])
 def test_neuron_pca_member_major_with_mixed_widths(matrix, block, monkeypatch):
     if block:
-        monkeypatch.setattr(pca_module, "_BLOCK_ELEMS", block)  # features-Gram accumulated over 2-point blocks
+        monkeypatch.setattr(similarity_module, "BLOCK_ELEMS", block)  # features-Gram accumulated over 2-point blocks
     rng = np.random.default_rng(8)
     neurons = [rand(rng, 5, 6), rand(rng, 5, 6), rand(rng, 9, 6)]  # last: a wider shared expert
     mats = [t(make_matrix(v, matrix)) for v in neurons]

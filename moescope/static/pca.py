@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor
 
-from .similarity import Members, as_members, check_dtype, neuron_vectors
-
-_BLOCK_ELEMS = 1 << 24  # elements per float64 block when accumulating Gram matrices / component signs
+from .similarity import Members, as_members, check_dtype, column_blocks, gram64, neuron_vectors
 
 
 @dataclass(frozen=True)
 class PCAResult:
-    """Projection ``coords`` [N, k], ``explained_variance_ratio`` [k] (float64), ``member`` [N] index of each point's member (None for plain ``pca``)."""
+    """PCA projection: ``coords`` [N, k], ``explained_variance_ratio`` [k] (float64) and ``member`` [N].
+
+    ``member`` is the index of each point's member (matrix-level: 0..M-1; None for ``pca_points``).
+    """
 
     coords: Tensor
     explained_variance_ratio: Tensor
@@ -34,7 +34,7 @@ def standardize(points: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor
         raise ValueError(f"standardize needs points [N, D] with N >= 2, got shape {tuple(points.shape)}")
     x = points.to(check_dtype(dtype))
     constant = x.amax(0) == x.amin(0)
-    z = x - x.mean(0)
+    z = x.sub_(x.mean(0)) if x.data_ptr() != points.data_ptr() else x - x.mean(0)  # in place only on our copy
     std = torch.linalg.vector_norm(z, dim=0) / (x.shape[0] - 1) ** 0.5
     z /= torch.where(constant, torch.ones_like(std), std)
     z[:, constant] = 0
@@ -46,8 +46,9 @@ def pca_points(points: Tensor, k: int = 2, *, dtype: torch.dtype = torch.float32
     z = standardize(points, dtype=dtype)
     n, d = z.shape
     if not 1 <= k <= min(n - 1, d):
-        raise ValueError(f"k must be between 1 and min(N-1, D) = {min(n - 1, d)} for {n} points of dimension {d}, got {k}")
-    gram = _gram(z) if n <= d else _gram(z.T)  # [n, n] or [d, d], float64
+        raise ValueError(f"k must be between 1 and min(N-1, D) = {min(n - 1, d)} for {n} points of dimension {d}, "
+                         f"got {k}")
+    gram = gram64(z) if n <= d else gram64(z.T)  # [n, n] or [d, d], float64
     evals, evecs = torch.linalg.eigh(gram)
     total = float(gram.diagonal().sum())
     if total <= 0:
@@ -68,26 +69,11 @@ def _sign_of_largest(v: Tensor) -> Tensor:
     return torch.where(top < 0, -1.0, 1.0).to(dtype=torch.float64, device=v.device)
 
 
-def _blocks(length: int, rows: int) -> Iterator[slice]:
-    """Slices cutting an axis of ``length`` into blocks of about ``_BLOCK_ELEMS`` elements (``rows`` wide)."""
-    step = max(1, _BLOCK_ELEMS // max(rows, 1))
-    return (slice(start, start + step) for start in range(0, length, step))
-
-
-def _gram(a: Tensor) -> Tensor:
-    """``a @ a.T`` for ``a`` [p, q], accumulated in float64 over blocks of q."""
-    gram = torch.zeros(a.shape[0], a.shape[0], dtype=torch.float64, device=a.device)
-    for cols in _blocks(a.shape[1], a.shape[0]):
-        blk = a[:, cols].double()
-        gram.addmm_(blk, blk.T)
-    return gram
-
-
 def _max_entry_signs(z: Tensor, u: Tensor) -> Tensor:
     """Sign of the largest-magnitude entry of each component Z^T u_j (u [n, k] float64), in column blocks of Z."""
     best = torch.full((u.shape[1],), -1.0, dtype=torch.float64, device=u.device)
     sign = torch.ones_like(best)
-    for cols in _blocks(z.shape[1], z.shape[0]):
+    for cols in column_blocks(z.shape[1], z.shape[0]):
         v = z[:, cols].double().T @ u
         mag = v.abs().amax(0)
         better = mag > best  # strict: on ties the first entry wins, as in argmax
@@ -103,7 +89,7 @@ def matrix_pca(members: Members, k: int = 2, *, dtype: torch.dtype = torch.float
     if len(shapes) != 1:
         raise ValueError(f"matrix-level PCA needs members of one shape, got {sorted(shapes)}; "
                          "leave members of another width out (they are not comparable)")
-    points = torch.stack([m.reshape(-1).to(dtype) for m in mats])
+    points = torch.stack([m.reshape(-1) for m in mats])
     res = pca_points(points, k, dtype=dtype)
     return dataclasses.replace(res, member=torch.arange(len(mats), device=res.coords.device))
 

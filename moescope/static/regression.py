@@ -56,6 +56,7 @@ def similarity_regression(expert_sim: Tensor, gate_sim: Tensor) -> RegressionRes
                             gate_pairs=x, expert_pairs=y)
 
 
-def gate_expert_regression(router: Tensor, expert_sim: Tensor, *, dtype: torch.dtype = torch.float32) -> RegressionResult:
+def gate_expert_regression(router: Tensor, expert_sim: Tensor, *,
+                           dtype: torch.dtype = torch.float32) -> RegressionResult:
     """Regress the routed-expert similarity ``expert_sim`` [E, E] on the gate embedding cosine of ``router``."""
     return similarity_regression(expert_sim, gate_embedding_similarity(router, dtype=dtype))

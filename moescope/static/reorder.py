@@ -10,7 +10,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.stats import kendalltau
 from torch import Tensor
 
-from .similarity import cosine_matrix, neuron_vectors
+from .similarity import cosine_matrix, neuron_pair
 
 
 def solve_assignment(score_matrix: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
@@ -62,10 +62,7 @@ class ReorderResult:
 
 def reorder_pair(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = torch.float32) -> ReorderResult:
     """Match the neurons of members a and b (one ``matrix`` each, canonical orientation) one to one."""
-    va, vb = neuron_vectors(wa, matrix).to(dtype), neuron_vectors(wb, matrix).to(dtype)
-    if va.shape[1] != vb.shape[1]:
-        raise ValueError(f"{matrix} matrices of shapes {tuple(wa.shape)} and {tuple(wb.shape)} have different "
-                         "hidden sizes (gate/up must be [I, H], down [H, I])")
+    va, vb = neuron_pair(wa, wb, matrix)
     side = "a" if va.shape[0] <= vb.shape[0] else "b"
     small, large = (va, vb) if side == "a" else (vb, va)
     c = cosine_matrix(small, large, dtype=dtype)
@@ -74,4 +71,4 @@ def reorder_pair(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = to
     del c
     cosine = cosine_matrix(small.reshape(1, -1), large[col].reshape(1, -1), dtype=dtype)
     return ReorderResult(side=side, n_a=va.shape[0], n_b=vb.shape[0], col=col, matched_cos=matched_cos,
-                         cosine=float(cosine), mean_matched=float(matched_cos.mean()), tau=kendall_tau_b(col))
+                         cosine=float(cosine), mean_matched=float(matched_cos.double().mean()), tau=kendall_tau_b(col))

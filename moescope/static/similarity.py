@@ -6,7 +6,7 @@ A zero vector has cosine 0 with every vector (itself included), as with ``torch.
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Iterator, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -14,6 +14,8 @@ from torch import Tensor
 # axis holding the neurons in one canonical matrix (gate/up: rows, down: columns)
 NEURON_AXIS = {"gate": 0, "up": 0, "down": 1}
 COMPUTE_DTYPES = (torch.float32, torch.float64)
+DIRECT_K = 8192  # dot products longer than this are accumulated in float64 blocks (flattened matrices)
+BLOCK_ELEMS = 1 << 24  # elements per float64 block
 
 Members = Union[Tensor, Sequence[Tensor]]
 
@@ -45,26 +47,56 @@ def as_members(members: Members) -> list[Tensor]:
 
 
 def cosine_matrix(x: Tensor, y: Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Cosine of every row of ``x`` [N, D] with every row of ``y`` [N', D] (default ``x``: exactly symmetric, unit diagonal): [N, N']."""
+    """Cosine of every row of ``x`` [N, D] with every row of ``y`` [N', D]: [N, N'].
+
+    With ``y`` omitted (``y = x``) the result is exactly symmetric with a unit diagonal. Norms are accumulated in float64; dot products longer than ``DIRECT_K`` (flattened matrices) too, in blocks.
+    """
     check_dtype(dtype)
     if x.ndim != 2 or (y is not None and (y.ndim != 2 or y.shape[1] != x.shape[1])):
         raise ValueError("cosine_matrix needs 2-D inputs [N, D] and [N', D] with the same D, got "
                          f"{tuple(x.shape)} and {None if y is None else tuple(y.shape)}")
-    xn = _unit_rows(x, dtype)
+    nx = _row_norms(x)
+    ny = nx if y is None else _row_norms(y)
+    zero_x, nx, ny = nx == 0, _nonzero(nx), _nonzero(ny)
+    if x.shape[1] <= DIRECT_K:
+        xn = x.to(dtype) / nx.to(dtype)[:, None]
+        out = xn @ (xn if y is None else y.to(dtype) / ny.to(dtype)[:, None]).T
+    else:
+        out = (gram64(x, y) / (nx[:, None] * ny[None, :])).to(dtype)
     if y is not None:
-        return (xn @ _unit_rows(y, dtype).T).clamp_(-1.0, 1.0)
-    out = xn @ xn.T
+        return out.clamp_(-1.0, 1.0)
     out = (out + out.T).mul_(0.5).clamp_(-1.0, 1.0)  # exactly symmetric
-    out.diagonal().copy_((xn != 0).any(dim=1).to(dtype))  # self-similarity exactly 1 (0 for a zero row)
+    out.diagonal().copy_((~zero_x).to(dtype))  # self-similarity exactly 1 (0 for a zero row)
     return out
 
 
-def _unit_rows(x: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rows of ``x`` in ``dtype`` scaled to unit L2 norm (zero rows stay zero), never modifying ``x``."""
-    xd = x.to(dtype)
-    norm = torch.linalg.vector_norm(xd, dim=1, keepdim=True)
-    norm = torch.where(norm > 0, norm, torch.ones_like(norm))
-    return xd.div_(norm) if xd.data_ptr() != x.data_ptr() else xd / norm  # in place only on our own copy
+def _nonzero(norm: Tensor) -> Tensor:
+    """Norms with zeros replaced by 1, so that a zero vector gets cosine 0."""
+    return torch.where(norm > 0, norm, torch.ones_like(norm))
+
+
+def _row_norms(x: Tensor) -> Tensor:
+    """L2 norm of each row of ``x`` [N, D] (float64), accumulated in float64 blocks."""
+    sq = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for cols in column_blocks(x.shape[1], x.shape[0]):
+        sq += x[:, cols].double().square().sum(dim=1)
+    return sq.sqrt()
+
+
+def column_blocks(length: int, rows: int) -> Iterator[slice]:
+    """Slices cutting an axis of ``length`` into blocks of about ``BLOCK_ELEMS`` elements (``rows`` wide)."""
+    step = max(1, BLOCK_ELEMS // max(rows, 1))
+    return (slice(start, start + step) for start in range(0, length, step))
+
+
+def gram64(a: Tensor, b: Tensor | None = None) -> Tensor:
+    """``a @ b.T`` (default ``b = a``) for [p, K] and [q, K], accumulated in float64 over blocks of K: [p, q]."""
+    q = a.shape[0] if b is None else b.shape[0]
+    out = torch.zeros(a.shape[0], q, dtype=torch.float64, device=a.device)
+    for cols in column_blocks(a.shape[1], a.shape[0] + q):
+        blk = a[:, cols].double()
+        out.addmm_(blk, (blk if b is None else b[:, cols].double()).T)
+    return out
 
 
 def matrix_similarity(stack: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -105,7 +137,7 @@ def member_similarity(members: Members, matrix: str, *, averaged: bool = False,
     for i, m in enumerate(mats):
         groups.setdefault(tuple(m.shape), []).append(i)
     for idx in groups.values():
-        stack = torch.stack([mats[i].to(dtype) for i in idx])
+        stack = torch.stack([mats[i] for i in idx])
         sim = averaged_similarity(stack, matrix, dtype=dtype) if averaged else matrix_similarity(stack, dtype=dtype)
         ix = torch.tensor(idx, device=out.device)
         out[ix[:, None], ix[None, :]] = sim
@@ -120,10 +152,15 @@ def neuron_vectors(w: Tensor, matrix: str) -> Tensor:
     return w.T if axis == 1 else w
 
 
-def neuron_cosine(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """C[i, r] = cosine of neuron i of member a and neuron r of member b for ``matrix``: [I_a, I_b]."""
+def neuron_pair(wa: Tensor, wb: Tensor, matrix: str) -> tuple[Tensor, Tensor]:
+    """Neuron vectors [I_a, H] and [I_b, H] of members a and b, checking that their hidden sizes agree."""
     va, vb = neuron_vectors(wa, matrix), neuron_vectors(wb, matrix)
     if va.shape[1] != vb.shape[1]:
         raise ValueError(f"{matrix} matrices of shapes {tuple(wa.shape)} and {tuple(wb.shape)} have different "
                          "hidden sizes (gate/up must be [I, H], down [H, I])")
-    return cosine_matrix(va, vb, dtype=dtype)
+    return va, vb
+
+
+def neuron_cosine(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """C[i, r] = cosine of neuron i of member a and neuron r of member b for ``matrix``: [I_a, I_b]."""
+    return cosine_matrix(*neuron_pair(wa, wb, matrix), dtype=dtype)

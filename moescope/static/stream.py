@@ -37,11 +37,17 @@ def _cosine(gram: torch.Tensor) -> torch.Tensor:
     return gram / norms[:, None] / norms[None, :]
 
 
-def _standardize(x: torch.Tensor) -> torch.Tensor:
-    """Columns of ``x`` [N, D] to mean 0 and Bessel std 1 over the N members; constant columns to 0."""
-    z = x - x.mean(0)
-    std = z.pow(2).sum(0).div(x.shape[0] - 1).sqrt()
-    return torch.where(std > 0, z / torch.where(std > 0, std, 1.0), 0.0)
+def _scaled(flat: torch.Tensor) -> torch.Tensor:
+    """Columns of ``flat`` [N, D] divided by their Bessel std over the N members (constant columns -> 0).
+
+    Centring is left out: ``C (Y Y^T) C`` with the centring matrix C gives the standardised Gram afterwards,
+    and components ``Z^T u = Y^T u`` for eigenvectors u orthogonal to the ones vector.
+    """
+    n = flat.shape[0]
+    total, squares = flat.sum(0), flat.square().sum(0)
+    var = (squares - total.square() / n) / (n - 1)
+    constant = var <= 1e-12 * squares / n  # equal entries up to rounding
+    return flat * torch.where(constant, 0.0, var.clamp_min(1e-300).rsqrt())
 
 
 def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis: int, *, k: int = 3,
@@ -66,10 +72,12 @@ def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis
         del x
         gram += flat @ flat.T
         if n >= 2:
-            z = _standardize(flat)
-            zgram += z @ z.T
+            y = _scaled(flat)
+            zgram += y @ y.T
     if neuron_axis == 0:
         averaged /= rows
+    centre = torch.eye(n, dtype=torch.float64, device=device) - 1.0 / n
+    zgram = centre @ zgram @ centre
     pca = _pca_from_gram(zgram, readers, chunks, k, device) if n >= 2 else (None, None)
     return StreamedLayer(_cosine(gram), _cosine(averaged @ averaged.T), *pca)
 
@@ -84,7 +92,7 @@ def _pca_from_gram(zgram: torch.Tensor, readers: Sequence[RowReader], chunks, k:
     sign = torch.ones(k, dtype=torch.float64, device=device)
     for start, stop in chunks:  # component j is proportional to Z^T u_j: find its entry of largest magnitude
         flat = torch.stack([r(start, stop).to(device=device, dtype=torch.float64) for r in readers]).flatten(1)
-        v = _standardize(flat).T @ evecs                    # [c, k]
+        v = _scaled(flat).T @ evecs                         # [c, k]: Z^T u = Y^T u as u ⟂ ones
         idx = v.abs().argmax(0)
         mag = v.abs().gather(0, idx[None])[0]
         better = mag > best
