@@ -43,7 +43,7 @@ def _cmd_weights(args: argparse.Namespace) -> None:
     layers = None if args.layers in (None, "all") else _parse_layers(args.layers)
     options = WeightsOptions(layers=layers, matrices=tuple(args.matrices.split(",")),
                              neuron_level=not args.no_neuron_level, pairs=args.pairs,
-                             pca_components=args.pca_components)
+                             pca_components=args.pca_components, memory_budget=_parse_bytes(args.memory_budget))
     results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume)
     r2 = results.summary.get("gate_r2_mean", {})
     print(f"wrote {len(results.layers)} layer(s) to {results.path}")
@@ -53,6 +53,12 @@ def _cmd_weights(args: argparse.Namespace) -> None:
 
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper().rstrip("B")
+    return int(float(text[:-1]) * units[text[-1]]) if text and text[-1] in units else int(text)
 
 
 def _parse_layers(text: str) -> list[int]:
@@ -87,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-neuron-level", action="store_true", help="skip neuron matching (the expensive part)")
     p.add_argument("--pairs", default="all", help="member pairs to match: all | sample:N | top:K")
     p.add_argument("--pca-components", type=int, default=3)
+    p.add_argument("--memory-budget", default="2G", help="bytes for one streamed chunk of a layer (e.g. 512M, 2G)")
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.set_defaults(func=_cmd_weights)
