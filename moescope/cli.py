@@ -11,10 +11,20 @@ from .errors import MoescopeError
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from .arch import open_model
-    from .inspect import describe, format_facts
+    from .inspect import describe, format_facts, matching_plan
 
-    facts = describe(open_model(args.path, args.family))
-    print(json.dumps(facts.to_dict(), indent=2) if args.json else format_facts(facts))
+    model = open_model(args.path, args.family)
+    facts = describe(model).to_dict()
+    facts["neuron_matching"] = plan = matching_plan(model, args.pairs)
+    if args.json:
+        print(json.dumps(facts, indent=2))
+        return
+    from .inspect import ModelFacts
+
+    print(format_facts(ModelFacts(**{k: v for k, v in facts.items() if k != "neuron_matching"})))
+    if plan["assignments"]:
+        print(f"matching     --pairs {plan['pairs']}: {plan['assignments']} neuron assignments "
+              f"(gate/up/down x member pairs x MoE layers), roughly {_duration(plan['estimated_seconds'])} here")
 
 
 def _cmd_families(args: argparse.Namespace) -> None:
@@ -51,6 +61,13 @@ def _cmd_weights(args: argparse.Namespace) -> None:
         print(f"  gate-embedding R² ({m}): matrix-level {_fmt(kinds['flat'])}, neuron-averaged {_fmt(kinds['averaged'])}")
 
 
+def _duration(seconds: float) -> str:
+    for unit, size in (("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.1f} s"
+
+
 def _fmt(x) -> str:
     return "n/a" if x is None else f"{x:.3f}"
 
@@ -78,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
     p.add_argument("--family", help="force a family instead of detecting it from config.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--pairs", default="all", help="neuron-matching pairs to plan for: all | sample:N | top:K")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("families", help="list supported model families")

@@ -125,3 +125,35 @@ def format_facts(f: ModelFacts) -> str:
         f"files        {f.num_files} shard(s), {_human(f.checkpoint_bytes, 'B')}",
     ]
     return "\n".join(lines)
+
+
+def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -> dict:
+    """How many neuron assignments `moescope weights --pairs PAIRS` solves, and a rough time estimate.
+
+    The estimate times one assignment of a structured problem (up to 512 neurons) here and scales it by
+    ``(width / n) ** 2.5`` per assignment (scipy's solver on near-permutation similarity matrices).
+    """
+    if not model.moe_layers:
+        return {"pairs": pairs, "assignments": 0, "estimated_seconds": 0.0}
+    members = len(model.member_labels(model.moe_layers[0]))
+    all_pairs = members * (members - 1) // 2
+    kind, _, count = pairs.partition(":")
+    per_layer = all_pairs if kind == "all" else min(int(count), all_pairs)
+    assignments = per_layer * 3 * len(model.moe_layers)
+    seconds = None
+    if calibrate:
+        import time
+
+        import torch
+
+        from .static.reorder import solve_assignment
+
+        width = model.expert_width
+        n = min(width, 512)
+        g = torch.Generator().manual_seed(0)
+        base = torch.nn.functional.normalize(torch.randn(n, 64, generator=g), dim=1)
+        noisy = torch.nn.functional.normalize(base[torch.randperm(n, generator=g)] + 0.5 * torch.randn(n, 64, generator=g), dim=1)
+        start = time.perf_counter()
+        solve_assignment(base @ noisy.T)
+        seconds = (time.perf_counter() - start) * (width / n) ** 2.5 * assignments
+    return {"pairs": pairs, "assignments": assignments, "estimated_seconds": seconds}

@@ -226,3 +226,20 @@ def test_cli_writes_and_load_results_reads(tiny, tmp_path, capsys):
     assert res.manifest["checkpoint"]["config_sha256"]
     assert main(["weights", str(built.path), "--out", str(tmp_path), "--matrices", "up"]) == 2  # other options
     assert "another run" in capsys.readouterr().err
+
+
+def test_matching_plan_counts_assignments_of_real_models():
+    from moescope.arch import MoEModel, get_family
+    from moescope.inspect import matching_plan
+    ds = MoEModel.from_config(get_family("deepseek").reference_configs["deepseek-ai/deepseek-moe-16b-base"])
+    mixtral = MoEModel.from_config(get_family("mixtral").reference_configs["mistralai/Mixtral-8x7B-v0.1"])
+    assert matching_plan(ds, calibrate=False)["assignments"] == 66 * 65 // 2 * 3 * 27  # 64 routed + 2 shared
+    assert matching_plan(mixtral, calibrate=False)["assignments"] == 28 * 3 * 32
+    assert matching_plan(mixtral, "top:5", calibrate=False)["assignments"] == 5 * 3 * 32
+    assert matching_plan(mixtral)["estimated_seconds"] > 0
+
+
+def test_inspect_prints_matching_plan(tiny, capsys):
+    built = tiny("mixtral")
+    assert main(["inspect", str(built.path), "--pairs", "sample:3"]) == 0
+    assert "--pairs sample:3: 18 neuron assignments" in capsys.readouterr().out
