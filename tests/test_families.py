@@ -6,7 +6,6 @@ import torch
 
 from moescope.arch import MoEModel, families, get_family, open_model
 from moescope.cli import main
-from moescope.inspect import describe
 from tests.conftest import FAMILY_REFERENCES
 
 # Facts of the real checkpoints, written down independently of the family files (from the model cards/configs):

@@ -6,11 +6,10 @@ Canonical orientation (nn.Linear, ``[out, in]``): ``gate`` and ``up`` are ``[I, 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import torch
 
@@ -19,7 +18,7 @@ from ..errors import ConfigError, ShapeMismatchError, UnsupportedDtypeError
 from .expr import ExpressionError, evaluate
 from .quant import FP8_DTYPES, dequantize_fp8_blocks, dequantize_mxfp4
 from .registry import detect_family, get_family
-from .spec import MATRICES, Family, MatrixSet, TensorSource
+from .spec import MATRICES, Family, TensorSource
 
 _MISSING = object()
 

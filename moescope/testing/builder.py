@@ -8,7 +8,6 @@ ground truth (``ground_truth.json``): neuron i of expert e is base neuron ``perm
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
