@@ -89,6 +89,8 @@ def test_every_number_matches_numpy(mixtral_run, m):
                 assert abs(res[f"layer{layer}.{m}.matched_neuron_similarity"][a, b] - c[rows, cols].mean()) < 1e-6
                 assert abs(res[f"layer{layer}.{m}.reordered_matrix_similarity"][a, b] - np_cos(va, vb[cols])) < 1e-6
                 assert abs(res[f"layer{layer}.{m}.kendall_tau"][a, b] - np_tau_b(cols)) < 1e-9
+                pair = f"{res[f'layer{layer}.labels'][a]}-{res[f'layer{layer}.labels'][b]}"
+                assert res[f"layer{layer}.{m}.assignment"][pair]["solver"] in ("scipy", "sparse-certified")
         # gate-embedding regression over pairs a > b of routed experts
         router = model.router(layer).double().numpy()
         g = np.array([[np_cos(x, y) for y in router] for x in router])

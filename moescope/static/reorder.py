@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from scipy.stats import kendalltau
 from torch import Tensor
 
+from .assignment import Assignment, AssignmentInputError, linear_assignment
 from .similarity import cosine_matrix, neuron_pair
 
 
@@ -17,15 +17,21 @@ def solve_assignment(score_matrix: Tensor, maximize: bool = True) -> tuple[Tenso
     """Exact linear assignment of ``score_matrix`` [R, C]: (row_ind, col_ind), int64 on its device.
 
     Every one of the min(R, C) rows (or columns) gets a distinct partner; with R <= C, ``row_ind`` is
-    ``0..R-1`` and ``col_ind[i]`` is the partner of row i. Any optimal matching may be returned on ties.
+    ``0..R-1`` and ``col_ind[i]`` is the partner of row i. Solved by ``linear_assignment`` (sparse candidates
+    certified optimal with dual potentials, scipy as the fallback).
     """
+    found = _assign(score_matrix, maximize)
+    dev = score_matrix.device
+    return torch.as_tensor(found.row_ind, device=dev), torch.as_tensor(found.col_ind, device=dev)
+
+
+def _assign(score_matrix: Tensor, maximize: bool = True) -> Assignment:
     if score_matrix.ndim != 2 or 0 in score_matrix.shape:
         raise ValueError(f"solve_assignment needs a non-empty 2-D score matrix, got {tuple(score_matrix.shape)}")
-    if not bool(torch.isfinite(score_matrix).all()):
-        raise ValueError("solve_assignment: the score matrix contains NaN or inf")
-    rows, cols = linear_sum_assignment(score_matrix.detach().cpu().double().numpy(), maximize=maximize)
-    dev = score_matrix.device
-    return torch.as_tensor(rows, dtype=torch.int64, device=dev), torch.as_tensor(cols, dtype=torch.int64, device=dev)
+    try:  # linear_assignment takes float32 or float64 as they are and rejects NaN / inf itself
+        return linear_assignment(score_matrix.detach().cpu().numpy(), maximize=maximize)
+    except AssignmentInputError as exc:
+        raise ValueError(f"solve_assignment: {exc}") from None
 
 
 def kendall_tau_b(x: Tensor | np.ndarray, y: Tensor | np.ndarray | None = None) -> float:
@@ -58,6 +64,8 @@ class ReorderResult:
     cosine: float
     mean_matched: float
     tau: float
+    solver: str = "scipy"
+    certified: bool = False
 
 
 def reorder_pair(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = torch.float32) -> ReorderResult:
@@ -66,9 +74,11 @@ def reorder_pair(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = to
     side = "a" if va.shape[0] <= vb.shape[0] else "b"
     small, large = (va, vb) if side == "a" else (vb, va)
     c = cosine_matrix(small, large, dtype=dtype)
-    _, col = solve_assignment(c, maximize=True)
+    found = _assign(c, maximize=True)
+    col = torch.as_tensor(found.col_ind, device=c.device)
     matched_cos = c[torch.arange(c.shape[0], device=c.device), col]
     del c
     cosine = cosine_matrix(small.reshape(1, -1), large[col].reshape(1, -1), dtype=dtype)
     return ReorderResult(side=side, n_a=va.shape[0], n_b=vb.shape[0], col=col, matched_cos=matched_cos,
-                         cosine=float(cosine), mean_matched=float(matched_cos.double().mean()), tau=kendall_tau_b(col))
+                         cosine=float(cosine), mean_matched=float(matched_cos.double().mean()), tau=kendall_tau_b(col),
+                         solver=found.solver, certified=found.certified)

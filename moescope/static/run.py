@@ -93,7 +93,7 @@ def _neuron_level(members: LayerMembers, flat: torch.Tensor, opts: WeightsOption
     reordered, matched, tau = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(3))
     for i in range(n):
         reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
-    tensors, sides = {}, {}
+    tensors, sides, solvers = {}, {}, {}
     for a, b in select_pairs(flat, opts.pairs, opts.seed):
         r = reorder_pair(members.matrices[a], members.matrices[b], m, dtype=dtype)
         reordered[a, b] = reordered[b, a] = r.cosine
@@ -102,10 +102,11 @@ def _neuron_level(members: LayerMembers, flat: torch.Tensor, opts: WeightsOption
         pair = f"{members.labels[a]}-{members.labels[b]}"
         tensors[f"permutations.{pair}"] = r.col
         sides[pair] = members.labels[a] if r.side == "a" else members.labels[b]
+        solvers[pair] = {"solver": r.solver, "certified": r.certified}
     pca = neuron_pca(members.matrices, m, k=opts.pca_components, dtype=dtype)
     tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau,
                    pca_neuron=pca.coords, pca_neuron_evr=pca.explained_variance_ratio)
-    return {"permutation_side": sides}, tensors
+    return {"permutation_side": sides, "assignment": solvers}, tensors
 
 
 def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
