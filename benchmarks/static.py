@@ -5,13 +5,15 @@ intermediate 3584, 8 experts, 4 layers, bf16), then measures in fresh processes:
   * reference: read every expert tensor once with safetensors (the raw read speed of the files);
   * moescope:  `weights(..., neuron_level=False)` (matrix-level + averaged similarity, gate regression,
                matrix-level PCA) under a memory budget;
-and reports throughput, the ratio, and peak anonymous memory (RssAnon, sampled every 5 ms).
+and reports throughput, the ratio, and peak anonymous memory (RssAnon, sampled every 5 ms). As root, the page
+cache is dropped before every run, so both sides read from disk as they would for a real checkpoint.
 Run: python benchmarks/static.py [--hidden 1024 --intermediate 3584 --layers 4 --budget-mb 256 --scale 4]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -60,10 +62,26 @@ def run(mode: str, path: Path, budget: int, out: Path) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def measure(path: Path, budget: int, out: Path) -> tuple[dict, dict]:
-    run("reference", path, budget, out)  # warm the page cache so both read from memory alike
-    ref = min((run("reference", path, budget, out) for _ in range(2)), key=lambda r: r["seconds"])
-    ours = min((run("moescope", path, budget, out) for _ in range(2)), key=lambda r: r["seconds"])
+def drop_page_cache() -> bool:
+    """Evict the files from the page cache (needs root), so both sides read from disk like a real checkpoint."""
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def measure(path: Path, budget: int, out: Path, cold: bool) -> tuple[dict, dict]:
+    def once(mode: str) -> dict:
+        if cold:
+            drop_page_cache()
+        else:
+            run("reference", path, budget, out)  # warm the page cache so both read from memory alike
+        return run(mode, path, budget, out)
+
+    ref = min((once("reference") for _ in range(2)), key=lambda r: r["seconds"])
+    ours = min((once("moescope") for _ in range(2)), key=lambda r: r["seconds"])
     return ref, ours
 
 
@@ -75,7 +93,10 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--budget-mb", type=int, default=256)
     parser.add_argument("--scale", type=int, default=4, help="also run one layer made this many times larger")
+    parser.add_argument("--warm", action="store_true", help="read from the page cache instead of from disk")
     args = parser.parse_args()
+    cold = not args.warm and drop_page_cache()
+    print(f"reading {'from disk (page cache dropped before each run)' if cold else 'from the page cache'}")
     from moescope.testing import build_checkpoint
 
     budget = args.budget_mb << 20
@@ -87,7 +108,7 @@ def main() -> None:
                      "num_local_experts": args.experts, "num_attention_heads": 8, "num_key_value_heads": 8}
             path = tmp / label.replace(" ", "")
             build_checkpoint("mixtral", path, sizes=sizes, num_shards=max(layers, 1), tokenizer=False)
-            ref, ours = measure(path, budget, tmp / "out")
+            ref, ours = measure(path, budget, tmp / "out", cold)
             gb = ref["bytes"] / 1e9
             print(f"{label:>9}: {gb:.2f} GB of experts | raw read {gb / ref['seconds']:.2f} GB/s | "
                   f"moescope matrix-level pass {gb / ours['seconds']:.2f} GB/s | ratio {ref['seconds'] / ours['seconds']:.2f} | "

@@ -6,8 +6,9 @@ even a whole member, in memory: peak memory is set by ``budget_bytes``, not by t
 """
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -50,54 +51,85 @@ def _scaled(flat: torch.Tensor) -> torch.Tensor:
     return flat * torch.where(constant, 0.0, var.clamp_min(1e-300).rsqrt())
 
 
+_BLOCK = 1 << 15  # columns of a chunk converted to float64 at a time (N x 256 KiB: stays in cache)
+
+
+def _float64_blocks(flat: torch.Tensor) -> Iterator[torch.Tensor]:
+    for start in range(0, flat.shape[1], _BLOCK):
+        yield flat[:, start:start + _BLOCK].double()
+
+
+def _read_chunks(readers: Sequence[RowReader], chunks: list[tuple[int, int]], cols: int,
+                 buffers: list[torch.Tensor]) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield (start, stop, members' rows as float32 [N, rows*cols]); the next chunk is read while one is used."""
+
+    def read(index: int) -> torch.Tensor:
+        start, stop = chunks[index]
+        out = buffers[index % 2][:, : (stop - start) * cols]
+        for member, reader in enumerate(readers):
+            out[member].copy_(reader(start, stop).reshape(-1))
+        return out
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, 0)
+        for index, (start, stop) in enumerate(chunks):
+            flat = pending.result()
+            if index + 1 < len(chunks):
+                pending = pool.submit(read, index + 1)
+            yield start, stop, flat
+
+
 def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis: int, *, k: int = 3,
                  budget_bytes: int = 2 << 30, device: str | torch.device = "cpu") -> StreamedLayer:
     """Stream ``rows`` x ``cols`` canonical matrices of N same-shape members through the accumulators.
 
     ``neuron_axis`` is 0 for gate/up ([I, H]: average over rows) and 1 for down ([H, I]: average over columns).
-    The budget covers the float64 chunk of all members plus its standardised copy.
+    The budget covers two float32 chunks of all members (one being read while the other is used) and one
+    member's rows as stored; products accumulate in float64, block by block.
     """
     n = len(readers)
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     zgram = torch.zeros_like(gram)
     averaged = torch.zeros(n, cols if neuron_axis == 0 else rows, dtype=torch.float64, device=device)
-    chunks = chunk_rows(rows, 3 * n * cols * 8, budget_bytes)
-    for start, stop in chunks:
-        x = torch.stack([r(start, stop).to(device=device, dtype=torch.float64) for r in readers])  # [N, r, c]
+    chunks = chunk_rows(rows, (8 * n + 4) * cols, budget_bytes)
+    most = max(stop - start for start, stop in chunks)
+    buffers = [torch.empty(n, most * cols, dtype=torch.float32, device=device) for _ in range(2)]
+    for start, stop, flat in _read_chunks(readers, chunks, cols, buffers):
+        x = flat.view(n, stop - start, cols)
+        # float32 sums (torch sums pairwise: no float64 copy of the chunk), accumulated in float64 across chunks
         if neuron_axis == 0:
-            averaged += x.sum(1)
+            averaged += x.sum(1).double()
         else:
-            averaged[:, start:stop] = x.mean(2)
-        flat = x.flatten(1)
-        del x
-        gram += flat @ flat.T
-        if n >= 2:
-            y = _scaled(flat)
-            zgram += y @ y.T
+            averaged[:, start:stop] = x.sum(2).double() / cols
+        for block in _float64_blocks(flat):
+            gram += block @ block.T
+            if n >= 2:
+                y = _scaled(block)
+                zgram += y @ y.T
     if neuron_axis == 0:
         averaged /= rows
     centre = torch.eye(n, dtype=torch.float64, device=device) - 1.0 / n
     zgram = centre @ zgram @ centre
-    pca = _pca_from_gram(zgram, readers, chunks, k, device) if n >= 2 else (None, None)
+    pca = _pca_from_gram(zgram, readers, chunks, cols, buffers, k) if n >= 2 else (None, None)
     return StreamedLayer(_cosine(gram), _cosine(averaged @ averaged.T), *pca)
 
 
-def _pca_from_gram(zgram: torch.Tensor, readers: Sequence[RowReader], chunks, k: int, device):
+def _pca_from_gram(zgram: torch.Tensor, readers: Sequence[RowReader], chunks, cols: int,
+                   buffers: list[torch.Tensor], k: int):
     """PCA scores from the standardised Gram Z Z^T; a second pass finds each component's largest entry for its sign."""
     k = min(k, zgram.shape[0] - 1)
     evals, evecs = torch.linalg.eigh(zgram)
     total = float(evals.clamp_min(0).sum())
     evals, evecs = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]
-    best = torch.full((k,), -1.0, dtype=torch.float64, device=device)
-    sign = torch.ones(k, dtype=torch.float64, device=device)
-    for start, stop in chunks:  # component j is proportional to Z^T u_j: find its entry of largest magnitude
-        flat = torch.stack([r(start, stop).to(device=device, dtype=torch.float64) for r in readers]).flatten(1)
-        v = _scaled(flat).T @ evecs                         # [c, k]: Z^T u = Y^T u as u ⟂ ones
-        idx = v.abs().argmax(0)
-        mag = v.abs().gather(0, idx[None])[0]
-        better = mag > best
-        best = torch.where(better, mag, best)
-        top = v.gather(0, idx[None])[0]
-        sign = torch.where(better, torch.where(top < 0, -1.0, 1.0).double(), sign)
+    best = torch.full((k,), -1.0, dtype=torch.float64, device=zgram.device)
+    sign = torch.ones(k, dtype=torch.float64, device=zgram.device)
+    for _, _, flat in _read_chunks(readers, chunks, cols, buffers):
+        for block in _float64_blocks(flat):  # component j is proportional to Z^T u_j = Y^T u_j (u ⟂ ones)
+            v = _scaled(block).T @ evecs
+            idx = v.abs().argmax(0)
+            top = v.gather(0, idx[None])[0]
+            better = top.abs() > best
+            best = torch.where(better, top.abs(), best)
+            sign = torch.where(better, torch.where(top < 0, -1.0, 1.0).double(), sign)
     coords = evecs * evals.sqrt() * sign
     return coords, evals / total if total > 0 else evals * float("nan")
