@@ -12,7 +12,7 @@ def tiny(tmp_path_factory):
     cache = {}
 
     def make(family, reference=None, **kw):
-        key = (family, reference, tuple(sorted(kw.items())))
+        key = (family, reference, repr(sorted(kw.items())))
         if key not in cache:
             path = tmp_path_factory.mktemp(family)
             cache[key] = build_checkpoint(family, path, reference=reference, **kw)

@@ -245,3 +245,12 @@ def test_inspect_prints_matching_plan(tiny, capsys):
     built = tiny("mixtral")
     assert main(["inspect", str(built.path), "--pairs", "sample:3"]) == 0
     assert "--pairs sample:3: 18 neuron assignments" in capsys.readouterr().out
+
+
+def test_dense_model_must_match(tiny, tmp_path, capsys):
+    moe = tiny("mixtral", dtype="float32")
+    other = tiny("mistral", dtype="float32", sizes={"hidden_size": 64})
+    assert main(["weights", str(moe.path), "--dense", str(other.path), "--out", str(tmp_path)]) == 2
+    assert "hidden size 64" in capsys.readouterr().err
+    assert main(["weights", str(moe.path), "--dense", str(moe.path), "--out", str(tmp_path / "b")]) == 2
+    assert "must be a dense model" in capsys.readouterr().err

@@ -12,12 +12,11 @@ from tqdm.auto import tqdm
 
 from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
+from ..errors import ConfigError
 from ..results import RunWriter, config_hash, load_results, Results
-from .members import LayerMembers, gather_members
-from .pca import neuron_pca
 from .regression import gate_embedding_similarity, similarity_regression
 from .reorder import reorder_pair
-from .stream import stream_layer
+from .stream import MemberCache, stream_layer, streamed_neuron_pca
 
 
 @dataclass
@@ -87,26 +86,53 @@ def _matrix_level(model: MoEModel, layer: int, matrix: str, labels: list[str], w
     return tables, tensors
 
 
-def _neuron_level(members: LayerMembers, flat: torch.Tensor, opts: WeightsOptions, dtype) -> tuple[dict, dict]:
-    """Neuron matching of the chosen member pairs and neuron-level PCA."""
-    m, n = members.matrix, len(members.labels)
+def _neuron_level(labels: list[str], load, flat: torch.Tensor, matrix: str, opts: WeightsOptions,
+                  dtype) -> tuple[dict, dict]:
+    """Neuron matching of the chosen member pairs and neuron-level PCA, holding few members at a time."""
+    n = len(labels)
+    cache = MemberCache(load, opts.memory_budget)
     reordered, matched, tau = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(3))
     for i in range(n):
         reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
     tensors, sides, solvers = {}, {}, {}
     for a, b in select_pairs(flat, opts.pairs, opts.seed):
-        r = reorder_pair(members.matrices[a], members.matrices[b], m, dtype=dtype)
+        r = reorder_pair(cache[a], cache[b], matrix, dtype=dtype)
         reordered[a, b] = reordered[b, a] = r.cosine
         matched[a, b] = matched[b, a] = r.mean_matched
         tau[a, b] = tau[b, a] = r.tau
-        pair = f"{members.labels[a]}-{members.labels[b]}"
+        pair = f"{labels[a]}-{labels[b]}"
         tensors[f"permutations.{pair}"] = r.col
-        sides[pair] = members.labels[a] if r.side == "a" else members.labels[b]
+        sides[pair] = labels[a] if r.side == "a" else labels[b]
         solvers[pair] = {"solver": r.solver, "certified": r.certified}
-    pca = neuron_pca(members.matrices, m, k=opts.pca_components, dtype=dtype)
+    coords, evr = streamed_neuron_pca(cache.__getitem__, n, matrix, k=opts.pca_components)
     tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau,
-                   pca_neuron=pca.coords, pca_neuron_evr=pca.explained_variance_ratio)
+                   pca_neuron=coords, pca_neuron_evr=evr)
     return {"permutation_side": sides, "assignment": solvers}, tensors
+
+
+def _member_loader(model: MoEModel, layer: int, matrix: str, labels: list[str], widths: list[int],
+                   dense_matrix: torch.Tensor | None, device):
+    """index -> that member's whole canonical matrix (float32, on ``device``), read when asked for."""
+    readers = _member_readers(model, layer, matrix, labels, dense_matrix)
+
+    def load(index: int) -> torch.Tensor:
+        rows = model.hidden_size if matrix == "down" else widths[index]
+        return readers[index](0, rows).to(device=device, dtype=torch.float32)
+    return load
+
+
+def _check_dense(model: MoEModel, dense: MoEModel, layers: list[int]) -> None:
+    """The dense model's FFN joins layer i as member F: it needs a dense FFN there and the same hidden size."""
+    if dense.family.dense is None or dense.moe_layers:
+        raise ConfigError(f"--dense must be a dense model (like Mistral-7B); '{dense.checkpoint.path}' is a "
+                          f"{dense.family.title} checkpoint with MoE layers {dense.moe_layers}.")
+    if dense.hidden_size != model.hidden_size:
+        raise ConfigError(f"the dense model's hidden size {dense.hidden_size} differs from the MoE model's "
+                          f"{model.hidden_size}: their FFNs cannot be compared. Pass the matching dense model.")
+    beyond = [l for l in layers if l >= dense.num_layers]
+    if beyond:
+        raise ConfigError(f"the dense model has {dense.num_layers} layers, so layers {beyond} have no F to compare; "
+                          "choose --layers below that or another dense model.")
 
 
 def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
@@ -124,6 +150,8 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     bad = [l for l in layers if l not in model.moe_layers]
     if bad:
         raise ValueError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
+    if dense_model is not None:
+        _check_dense(model, dense_model, layers)
     dtype = getattr(torch, opts.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
@@ -150,8 +178,8 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
             t["gate_regression"] = {kind: _regression(x[key][:E, :E], router_sim.cpu()) for kind, key in
                                     (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
             if opts.neuron_level:
-                members = gather_members(model, layer, m, dense_model, device=device)
-                t2, x2 = _neuron_level(members, x["matrix_similarity"], opts, dtype)
+                load = _member_loader(model, layer, m, labels, widths, dense_matrix, device)
+                t2, x2 = _neuron_level(labels, load, x["matrix_similarity"], m, opts, dtype)
                 t.update(t2)
                 x.update(x2)
             t["pca_neuron_members"] = dict(zip(labels, widths))

@@ -133,3 +133,54 @@ def _pca_from_gram(zgram: torch.Tensor, readers: Sequence[RowReader], chunks, co
             sign = torch.where(better, torch.where(top < 0, -1.0, 1.0).double(), sign)
     coords = evecs * evals.sqrt() * sign
     return coords, evals / total if total > 0 else evals * float("nan")
+
+
+class MemberCache:
+    """Members loaded on demand and kept while they fit in ``budget_bytes`` (least recently used leave first)."""
+
+    def __init__(self, load: Callable[[int], torch.Tensor], budget_bytes: int):
+        self.load, self.budget = load, budget_bytes
+        self._kept: dict[int, torch.Tensor] = {}
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        member = self._kept.pop(index, None)
+        if member is None:
+            member = self.load(index)
+        self._kept[index] = member  # most recent last
+        while len(self._kept) > 2 and sum(t.numel() * t.element_size() for t in self._kept.values()) > self.budget:
+            self._kept.pop(next(iter(self._kept)))
+        return member
+
+
+def streamed_neuron_pca(members: Callable[[int], torch.Tensor], count: int, matrix: str, k: int = 3):
+    """Neuron-level PCA (one point per neuron, member-major) reading one member at a time.
+
+    Column statistics and ``Z^T Z`` (hidden x hidden) accumulate in float64 over members; the components are its
+    leading eigenvectors (entry of largest magnitude made positive) and a second pass projects every neuron.
+    Returns (coords [sum I, k], explained variance ratio [k]).
+    """
+    from .similarity import neuron_vectors
+
+    total = cross = None
+    points = 0
+    for i in range(count):
+        v = neuron_vectors(members(i), matrix).double()
+        if total is None:
+            total, cross = v.sum(0), v.T @ v
+        else:
+            total, cross = total + v.sum(0), cross + v.T @ v
+        points += v.shape[0]
+    mean = total / points
+    cov = (cross - points * torch.outer(mean, mean)) / (points - 1)
+    var = cov.diagonal()
+    constant = var <= 1e-12 * (cross.diagonal() / points)
+    inv_std = torch.where(constant, 0.0, var.clamp_min(1e-300).rsqrt())
+    ztz = cov * torch.outer(inv_std, inv_std) * (points - 1)
+    evals, evecs = torch.linalg.eigh(ztz)
+    trace = float(ztz.diagonal().sum())
+    evals, evecs = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]
+    top = evecs.gather(0, evecs.abs().argmax(0, keepdim=True))[0]
+    evecs = evecs * torch.where(top < 0, -1.0, 1.0).double()
+    coords = torch.cat([((neuron_vectors(members(i), matrix).double() - mean) * inv_std) @ evecs
+                        for i in range(count)])
+    return coords, evals / trace
