@@ -184,9 +184,7 @@ class MoEModel:
         if src is None:
             return None
         width = self.hidden_size if matrix == "down" else self.expert_width
-        stored = self._raw(src, layer, None)
-        if src.parts > 1:
-            stored = stored[..., src.part::src.parts] if src.interleaved else stored.chunk(src.parts, -1)[src.part]
+        stored = src.take_part(self._raw(src, layer, None), dim=-1)
         return self._check(stored, (self.num_experts, width), f"experts.{matrix} bias", src.name.format(layer=layer))
 
     def shared_experts(self, layer: int, matrix: str) -> torch.Tensor | None:

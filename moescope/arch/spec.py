@@ -58,12 +58,27 @@ class TensorSource:
 
     def select(self, stored: torch.Tensor) -> torch.Tensor:
         """Per-expert stored matrix -> canonical matrix (works on the last two axes)."""
-        matrix = stored.transpose(-1, -2) if self.transpose else stored
+        return self.take_part(stored.transpose(-1, -2) if self.transpose else stored, dim=-2)
+
+    def take_part(self, fused: torch.Tensor, dim: int) -> torch.Tensor:
+        """This source's part of a tensor that fuses ``parts`` parts along ``dim``."""
         if self.parts == 1:
-            return matrix
+            return fused
         if self.interleaved:
-            return matrix[..., self.part::self.parts, :]
-        return matrix.chunk(self.parts, dim=-2)[self.part]
+            index = [slice(None)] * fused.ndim
+            index[dim] = slice(self.part, None, self.parts)
+            return fused[tuple(index)]
+        return fused.chunk(self.parts, dim=dim)[self.part]
+
+    def fuse(self, parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+        """Inverse of ``take_part``: the fused tensor holding ``parts`` (in part order) along ``dim``."""
+        if len(parts) == 1:
+            return parts[0]
+        if self.interleaved:  # a new axis after ``dim`` alternates the parts, then merges into ``dim``
+            if dim >= 0:
+                raise ValueError("fuse takes a negative dim")
+            return torch.stack(parts, dim=dim).flatten(dim - 1, dim)
+        return torch.cat(parts, dim=dim)
 
     def select_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The canonical shape ``select`` returns for a stored per-expert shape."""

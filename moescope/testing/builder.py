@@ -165,10 +165,9 @@ def _moe_layer(model: MoEModel, layer, rng, specificity, canonical, truth, store
             else:
                 canonical[(key, layer)] = store(name, value)
     _encode(fam.experts, layer, experts, canonical, ("experts", layer), store, stored, weight_quant)
-    for matrix, src in fam.experts.bias.items():
-        width = H if matrix == "down" else I
-        canonical[("expert_bias", layer, matrix)] = rng.normal(E, width, scale=0.02)
-    _encode_bias(fam.experts, layer, canonical, store, E, I, H)
+    for matrix in fam.experts.bias:
+        canonical[("expert_bias", layer, matrix)] = rng.normal(E, H if matrix == "down" else I, scale=0.02)
+    _encode_bias(fam.experts, layer, canonical, store)
     if fam.shared is not None:
         S, Is = model.num_shared_members, model.shared_width
         members = [_mlp(rng, Is, H) for _ in range(S)]
@@ -185,29 +184,24 @@ def _permute(matrix: torch.Tensor, perm: torch.Tensor, which: str) -> torch.Tens
     return matrix[:, perm] if which == "down" else matrix[perm]
 
 
+def _by_name(sources: dict[str, TensorSource]) -> dict[str, list[tuple[TensorSource, str]]]:
+    """Sources grouped by the stored tensor they share (fused gate/up), each group in part order."""
+    groups: dict[str, list[tuple[TensorSource, str]]] = {}
+    for key, src in sources.items():
+        groups.setdefault(src.name, []).append((src, key))
+    return {name: sorted(parts, key=lambda p: p[0].part) for name, parts in groups.items()}
+
+
 def _encode(mats: MatrixSet, layer: int, values: dict[str, torch.Tensor], canonical, key, store, stored,
             weight_quant) -> None:
     """Write canonical ``values[m]`` (``[n, rows, cols]``) through the sources (inverse of the adapter's decode)."""
-    by_name: dict[str, list[tuple[TensorSource, str]]] = {}
-    for m in MATRICES:
-        src = mats.source(m)
-        by_name.setdefault(src.name, []).append((src, m))
-    for name, parts in by_name.items():
-        parts.sort(key=lambda p: p[0].part)
+    for parts in _by_name({m: mats.source(m) for m in MATRICES}).values():
         src0 = parts[0][0]
-        blocks = [values[m] for _, m in parts]
-        if len(blocks) > 1 or src0.parts > 1:
-            if src0.interleaved:
-                merged = torch.stack(blocks, dim=-2).flatten(-3, -2)      # rows r0, r1, r0, r1 ...
-            else:
-                merged = torch.cat(blocks, dim=-2)
-        else:
-            merged = blocks[0]
+        merged = src0.fuse([values[m] for _, m in parts], dim=-2)
         per_expert = merged.transpose(-1, -2) if src0.transpose else merged
-        read_back = _store_packed(src0, layer, per_expert, store, stored, weight_quant)
-        read_back = read_back.transpose(-1, -2) if src0.transpose else read_back
+        read_back = _store_packed(src0, layer, per_expert, store, stored, weight_quant)  # stored orientation
         for src, m in parts:
-            got = src.select(read_back.transpose(-1, -2) if src.transpose else read_back)
+            got = src.select(read_back)
             canonical[(*key, m)] = got if len(got) > 1 or key[0] == "experts" else got[0]
 
 
@@ -231,22 +225,10 @@ def _store_packed(src: TensorSource, layer: int, per_expert: torch.Tensor, store
     return store(src.name.format(layer=layer), per_expert.flatten(0, 1)).unflatten(0, (-1, n))
 
 
-def _encode_bias(mats: MatrixSet, layer: int, canonical, store, E: int, I: int, H: int) -> None:
+def _encode_bias(mats: MatrixSet, layer: int, canonical, store) -> None:
     """Biases of fused experts (gpt-oss): gate/up share one tensor, like their weights."""
-    by_name: dict[str, list[tuple[TensorSource, str]]] = {}
-    for m, src in mats.bias.items():
-        by_name.setdefault(src.name, []).append((src, m))
-    for name, parts in by_name.items():
-        parts.sort(key=lambda p: p[0].part)
-        values = [canonical[("expert_bias", layer, m)] for _, m in parts]
-        if len(values) > 1:
-            merged = torch.stack(values, -1).flatten(-2) if parts[0][0].interleaved else torch.cat(values, -1)
-        else:
-            merged = values[0]
-        got = store(name.format(layer=layer), merged)
+    for name, parts in _by_name(dict(mats.bias)).items():
+        got = store(name.format(layer=layer), parts[0][0].fuse(
+            [canonical[("expert_bias", layer, m)] for _, m in parts], dim=-1))
         for src, m in parts:
-            if src.parts > 1:
-                part = got[..., src.part::src.parts] if src.interleaved else got.chunk(src.parts, -1)[src.part]
-            else:
-                part = got
-            canonical[("expert_bias", layer, m)] = part
+            canonical[("expert_bias", layer, m)] = src.take_part(got, dim=-1)
