@@ -38,17 +38,19 @@ def _cosine(gram: torch.Tensor) -> torch.Tensor:
     return gram / norms[:, None] / norms[None, :]
 
 
-def _scaled(flat: torch.Tensor) -> torch.Tensor:
-    """Columns of ``flat`` [N, D] divided by their Bessel std over the N members (constant columns -> 0).
+def _inverse_variance(block: torch.Tensor) -> torch.Tensor:
+    """1 / (Bessel variance over the N members) of each column of ``block`` [N, D]; 0 for constant columns.
 
-    Centring is left out: ``C (Y Y^T) C`` with the centring matrix C gives the standardised Gram afterwards,
-    and components ``Z^T u = Y^T u`` for eigenvectors u orthogonal to the ones vector.
+    The standardised Gram is then ``C (X diag(w) X^T) C`` (C centres over members), and a component
+    ``Z^T u = diag(sqrt(w)) X^T u`` for eigenvectors u orthogonal to the ones vector: no standardised copy.
+    Column sums are products with a ones vector (BLAS), not strided reductions.
     """
-    n = flat.shape[0]
-    total, squares = flat.sum(0), flat.square().sum(0)
+    n = block.shape[0]
+    ones = block.new_ones(1, n)
+    total, squares = (ones @ block)[0], (ones @ block.square())[0]
     var = (squares - total.square() / n) / (n - 1)
     constant = var <= 1e-12 * squares / n  # equal entries up to rounding
-    return flat * torch.where(constant, 0.0, var.clamp_min(1e-300).rsqrt())
+    return torch.where(constant, 0.0, 1.0 / var.clamp_min(1e-300))
 
 
 _BLOCK = 1 << 15  # columns of a chunk converted to float64 at a time (N x 256 KiB: stays in cache)
@@ -104,8 +106,7 @@ def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis
         for block in _float64_blocks(flat):
             gram += block @ block.T
             if n >= 2:
-                y = _scaled(block)
-                zgram += y @ y.T
+                zgram += (block * _inverse_variance(block)) @ block.T
     if neuron_axis == 0:
         averaged /= rows
     centre = torch.eye(n, dtype=torch.float64, device=device) - 1.0 / n
@@ -125,9 +126,9 @@ def _pca_from_gram(zgram: torch.Tensor, readers: Sequence[RowReader], chunks, co
     sign = torch.ones(k, dtype=torch.float64, device=zgram.device)
     for _, _, flat in _read_chunks(readers, chunks, cols, buffers):
         for block in _float64_blocks(flat):  # component j is proportional to Z^T u_j = Y^T u_j (u ⟂ ones)
-            v = _scaled(block).T @ evecs
-            idx = v.abs().argmax(0)
-            top = v.gather(0, idx[None])[0]
+            v = (evecs.T @ block) * _inverse_variance(block).sqrt()      # [k, D]
+            idx = v.abs().argmax(1)
+            top = v.gather(1, idx[:, None])[:, 0]
             better = top.abs() > best
             best = torch.where(better, top.abs(), best)
             sign = torch.where(better, torch.where(top < 0, -1.0, 1.0).double(), sign)
