@@ -93,7 +93,7 @@ def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     zgram = torch.zeros_like(gram)
     averaged = torch.zeros(n, cols if neuron_axis == 0 else rows, dtype=torch.float64, device=device)
-    chunks = chunk_rows(rows, (8 * n + 4) * cols, budget_bytes)
+    chunks = chunk_rows(rows, (8 * n + 4) * cols, budget_bytes * 7 // 8)  # 1/8 left for small temporaries
     most = max(stop - start for start, stop in chunks)
     buffers = [torch.empty(n, most * cols, dtype=torch.float32, device=device) for _ in range(2)]
     for start, stop, flat in _read_chunks(readers, chunks, cols, buffers):
