@@ -75,8 +75,11 @@ class RunWriter:
         atomic_write_bytes(stem.with_suffix(".safetensors"), blob)
         atomic_write_json(stem.with_suffix(".json"), {"layer": layer, **tables})
 
-    def write_summary(self, summary: Mapping[str, Any]) -> None:
-        atomic_write_json(self.out / "summary.json", {"schema_version": SCHEMA_VERSION, **summary})
+    def write_summary(self, summary: Mapping[str, Any]) -> dict:
+        """Write ``summary.json``; return what was written."""
+        written = {"schema_version": SCHEMA_VERSION, **summary}
+        atomic_write_json(self.out / "summary.json", written)
+        return written
 
 
 @dataclass

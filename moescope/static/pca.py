@@ -49,21 +49,25 @@ def pca_points(points: Tensor, k: int = 2, *, dtype: torch.dtype = torch.float32
         raise ValueError(f"k must be between 1 and min(N-1, D) = {min(n - 1, d)} for {n} points of dimension {d}, "
                          f"got {k}")
     gram = gram64(z) if n <= d else gram64(z.T)  # [n, n] or [d, d], float64
-    evals, evecs = torch.linalg.eigh(gram)
-    total = float(gram.diagonal().sum())
+    evals, evecs, total = leading_eigen(gram, k)
     if total <= 0:
         raise ValueError("PCA: every column is constant, there is no variance to explain")
-    evals, evecs = evals.flip(0)[:k].clamp(min=0), evecs.flip(1)[:, :k]
     if n <= d:  # evecs are left singular vectors u_j: coords = u_j * s_j, component v_j ∝ Z^T u_j
         coords = (evecs * evals.sqrt()).to(dtype)
         signs = _max_entry_signs(z, evecs)
     else:  # evecs are the components v_j themselves
         coords = z @ evecs.to(dtype)
-        signs = _sign_of_largest(evecs)
+        signs = sign_of_largest(evecs)
     return PCAResult(coords=coords * signs.to(dtype), explained_variance_ratio=evals / total)
 
 
-def _sign_of_largest(v: Tensor) -> Tensor:
+def leading_eigen(gram: Tensor, k: int) -> tuple[Tensor, Tensor, float]:
+    """The ``k`` largest eigenvalues (clamped at 0) and eigenvectors of a symmetric Gram matrix, and its trace."""
+    evals, evecs = torch.linalg.eigh(gram)
+    return evals.flip(0)[:k].clamp(min=0), evecs.flip(1)[:, :k], float(gram.diagonal().sum())
+
+
+def sign_of_largest(v: Tensor) -> Tensor:
     """Per column of ``v`` [D, k], the sign (+1 for 0) of its entry of largest magnitude (first on ties)."""
     top = v.gather(0, v.abs().argmax(0, keepdim=True))[0]
     return torch.where(top < 0, -1.0, 1.0).to(dtype=torch.float64, device=v.device)
@@ -78,7 +82,7 @@ def _max_entry_signs(z: Tensor, u: Tensor) -> Tensor:
         mag = v.abs().amax(0)
         better = mag > best  # strict: on ties the first entry wins, as in argmax
         best = torch.where(better, mag, best)
-        sign = torch.where(better, _sign_of_largest(v), sign)
+        sign = torch.where(better, sign_of_largest(v), sign)
     return sign
 
 

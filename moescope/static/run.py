@@ -190,8 +190,8 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
         writer.write_layer(layer, tables, tensors)
     bar.close()
     results = load_results(writer.out)
-    writer.write_summary(_summary(results, model, opts))
-    return load_results(writer.out)
+    results.summary = writer.write_summary(_summary(results, model, opts))
+    return results
 
 
 def _summary(results: Results, model: MoEModel, opts: WeightsOptions) -> dict:

@@ -1,8 +1,9 @@
-"""Matrix-level statistics of a layer's members streamed over row chunks, in bounded memory.
+"""A layer's statistics computed in bounded memory, whatever the layer's size.
 
 Cosines of flattened matrices, neuron-averaged vectors and the standardised Gram matrix behind matrix-level
 PCA are all sums over rows, so they accumulate chunk by chunk (in float64) and never need a whole layer, or
-even a whole member, in memory: peak memory is set by ``budget_bytes``, not by the layer's size.
+even a whole member, in memory. Neuron-level work holds a few members at a time (``MemberCache``), and
+neuron-level PCA accumulates its hidden x hidden covariance member by member.
 """
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
+
+from .pca import leading_eigen, sign_of_largest
+from .similarity import neuron_vectors
 
 RowReader = Callable[[int, int], torch.Tensor]   # (start, stop) -> rows [stop-start, cols] of one member
 
@@ -118,12 +122,9 @@ def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis
 def _pca_from_gram(zgram: torch.Tensor, readers: Sequence[RowReader], chunks, cols: int,
                    buffers: list[torch.Tensor], k: int):
     """PCA scores from the standardised Gram Z Z^T; a second pass finds each component's largest entry for its sign."""
-    k = min(k, zgram.shape[0] - 1)
-    evals, evecs = torch.linalg.eigh(zgram)
-    total = float(evals.clamp_min(0).sum())
-    evals, evecs = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]
-    best = torch.full((k,), -1.0, dtype=torch.float64, device=zgram.device)
-    sign = torch.ones(k, dtype=torch.float64, device=zgram.device)
+    evals, evecs, total = leading_eigen(zgram, min(k, zgram.shape[0] - 1))
+    best = torch.full((evals.numel(),), -1.0, dtype=torch.float64, device=zgram.device)
+    sign = torch.ones_like(best)
     for _, _, flat in _read_chunks(readers, chunks, cols, buffers):
         for block in _float64_blocks(flat):  # component j is proportional to Z^T u_j = Y^T u_j (u ⟂ ones)
             v = (evecs.T @ block) * _inverse_variance(block).sqrt()      # [k, D]
@@ -160,28 +161,18 @@ def streamed_neuron_pca(members: Callable[[int], torch.Tensor], count: int, matr
     leading eigenvectors (entry of largest magnitude made positive) and a second pass projects every neuron.
     Returns (coords [sum I, k], explained variance ratio [k]).
     """
-    from .similarity import neuron_vectors
-
-    total = cross = None
-    points = 0
+    total = cross = points = 0
     for i in range(count):
         v = neuron_vectors(members(i), matrix).double()
-        if total is None:
-            total, cross = v.sum(0), v.T @ v
-        else:
-            total, cross = total + v.sum(0), cross + v.T @ v
-        points += v.shape[0]
+        total, cross, points = total + v.sum(0), cross + v.T @ v, points + v.shape[0]
     mean = total / points
     cov = (cross - points * torch.outer(mean, mean)) / (points - 1)
     var = cov.diagonal()
     constant = var <= 1e-12 * (cross.diagonal() / points)
     inv_std = torch.where(constant, 0.0, var.clamp_min(1e-300).rsqrt())
     ztz = cov * torch.outer(inv_std, inv_std) * (points - 1)
-    evals, evecs = torch.linalg.eigh(ztz)
-    trace = float(ztz.diagonal().sum())
-    evals, evecs = evals.flip(0)[:k].clamp_min(0), evecs.flip(1)[:, :k]
-    top = evecs.gather(0, evecs.abs().argmax(0, keepdim=True))[0]
-    evecs = evecs * torch.where(top < 0, -1.0, 1.0).double()
+    evals, evecs, trace = leading_eigen(ztz, k)
+    evecs = evecs * sign_of_largest(evecs)
     coords = torch.cat([((neuron_vectors(members(i), matrix).double() - mean) * inv_std) @ evecs
                         for i in range(count)])
     return coords, evals / trace
