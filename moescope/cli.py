@@ -14,14 +14,12 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from .inspect import describe, format_facts, matching_plan
 
     model = open_model(args.path, args.family)
-    facts = describe(model).to_dict()
-    facts["neuron_matching"] = plan = matching_plan(model, args.pairs)
+    facts = describe(model)
+    plan = matching_plan(model, args.pairs)
     if args.json:
-        print(json.dumps(facts, indent=2))
+        print(json.dumps({**facts.to_dict(), "neuron_matching": plan}, indent=2))
         return
-    from .inspect import ModelFacts
-
-    print(format_facts(ModelFacts(**{k: v for k, v in facts.items() if k != "neuron_matching"})))
+    print(format_facts(facts))
     if plan["assignments"]:
         print(f"matching     --pairs {plan['pairs']}: {plan['assignments']} neuron assignments "
               f"(gate/up/down x member pairs x MoE layers), roughly {_duration(plan['estimated_seconds'])} here")

@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass
 
+import torch
+
 from .arch.adapter import MoEModel
 
 
@@ -135,16 +137,14 @@ def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -
     """
     if not model.moe_layers:
         return {"pairs": pairs, "assignments": 0, "estimated_seconds": 0.0}
+    from .static.run import WeightsOptions, select_pairs  # the same pair choice `weights` makes
+
+    WeightsOptions(pairs=pairs)  # validates the spec
     members = len(model.member_labels(model.moe_layers[0]))
-    all_pairs = members * (members - 1) // 2
-    kind, _, count = pairs.partition(":")
-    per_layer = all_pairs if kind == "all" else min(int(count), all_pairs)
-    assignments = per_layer * 3 * len(model.moe_layers)
+    assignments = len(select_pairs(torch.zeros(members, members), pairs)) * 3 * len(model.moe_layers)
     seconds = None
     if calibrate:
         import time
-
-        import torch
 
         from .static.reorder import solve_assignment
 
