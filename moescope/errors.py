@@ -36,3 +36,7 @@ class UnsupportedDtypeError(MoescopeError):
 
 class ConfigError(MoescopeError):
     """config.json lacks a key the family needs, or holds an impossible value."""
+
+
+class OptionsError(MoescopeError, ValueError):
+    """An option has an impossible value (unknown matrix, bad --pairs spec, a layer that is not an MoE layer)."""

@@ -254,3 +254,11 @@ def test_dense_model_must_match(tiny, tmp_path, capsys):
     assert "hidden size 64" in capsys.readouterr().err
     assert main(["weights", str(moe.path), "--dense", str(moe.path), "--out", str(tmp_path / "b")]) == 2
     assert "must be a dense model" in capsys.readouterr().err
+
+
+def test_bad_options_are_user_errors(tiny, tmp_path, capsys):
+    built = tiny("deepseek", dtype="float32")
+    assert main(["weights", str(built.path), "--layers", "0", "--out", str(tmp_path)]) == 2  # layer 0 is dense
+    assert "not MoE layers" in capsys.readouterr().err
+    assert main(["inspect", str(built.path), "--pairs", "best:3"]) == 2
+    assert "--pairs must be" in capsys.readouterr().err

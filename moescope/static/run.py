@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
-from ..errors import ConfigError
+from ..errors import ConfigError, OptionsError
 from ..results import RunWriter, config_hash, load_results, Results
 from .regression import gate_embedding_similarity, similarity_regression
 from .reorder import reorder_pair
@@ -35,10 +35,10 @@ class WeightsOptions:
     def __post_init__(self) -> None:
         bad = [m for m in self.matrices if m not in MATRICES]
         if bad:
-            raise ValueError(f"unknown matrices {bad}; choose from {list(MATRICES)}")
+            raise OptionsError(f"unknown matrices {bad}; choose from {list(MATRICES)}")
         kind, _, n = self.pairs.partition(":")
         if kind not in ("all", "sample", "top") or (kind != "all" and not n.isdigit()):
-            raise ValueError(f"--pairs must be 'all', 'sample:N' or 'top:K', got {self.pairs!r}")
+            raise OptionsError(f"--pairs must be 'all', 'sample:N' or 'top:K', got {self.pairs!r}")
 
 
 def select_pairs(similarity: torch.Tensor, spec: str, seed: int = 0) -> list[tuple[int, int]]:
@@ -149,7 +149,7 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     layers = model.moe_layers if opts.layers is None else opts.layers
     bad = [l for l in layers if l not in model.moe_layers]
     if bad:
-        raise ValueError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
+        raise OptionsError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
     if dense_model is not None:
         _check_dense(model, dense_model, layers)
     dtype = getattr(torch, opts.dtype)
