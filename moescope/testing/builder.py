@@ -17,7 +17,7 @@ import torch
 
 from ..arch.adapter import MoEModel
 from ..arch.expr import evaluate
-from ..arch.quant import quantize_fp8_blocks, quantize_mxfp4
+from ..arch.quant import dequantize_fp8_blocks, dequantize_mxfp4, quantize_fp8_blocks, quantize_mxfp4
 from ..arch.registry import get_family
 from ..arch.spec import MATRICES, MatrixSet, TensorSource
 from ..writer import atomic_write_json, write_checkpoint
@@ -93,8 +93,7 @@ def build_checkpoint(family: str, path: str | Path, *, reference: str | None = N
         if quant == "fp8":
             q, scale = quantize_fp8_blocks(value, block)
             stored[name], stored[name + fam.fp8_scale_suffix] = q, scale
-            return q.float() * scale.repeat_interleave(block[0], 0)[:value.shape[0]].repeat_interleave(
-                block[1], 1)[:, :value.shape[1]]
+            return dequantize_fp8_blocks(q, scale, block)
         stored[name] = value.to(store_dtype)
         return stored[name]
 
@@ -106,7 +105,7 @@ def build_checkpoint(family: str, path: str | Path, *, reference: str | None = N
             value = torch.ones(shape) if _is_norm(name) else rng.normal(*shape, scale=0.02)
             if entry_dtype == "fp8" and weight_quant == "fp8":
                 store(name, value, "fp8")
-            elif entry_dtype in DTYPES and entry_dtype != "fp8":
+            elif entry_dtype in DTYPES:
                 stored[name] = value.to(DTYPES[entry_dtype])
             else:
                 store(name, value)
@@ -212,7 +211,6 @@ def _store_packed(src: TensorSource, layer: int, per_expert: torch.Tensor, store
         base = src.name.format(layer=layer)
         stored[f"{base}_blocks"] = blocks
         stored[f"{base}_scales"] = scales
-        from ..arch.quant import dequantize_mxfp4
         return dequantize_mxfp4(stored[f"{base}_blocks"], scales)
     quant = "fp8" if weight_quant == "fp8" else None
     if src.packing == "per_expert":
