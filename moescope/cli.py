@@ -59,6 +59,32 @@ def _cmd_weights(args: argparse.Namespace) -> None:
         print(f"  gate-embedding R² ({m}): matrix-level {_fmt(kinds['flat'])}, neuron-averaged {_fmt(kinds['averaged'])}")
 
 
+def _cmd_trace(args: argparse.Namespace) -> None:
+    from .dynamic.inputs import select_input
+    from .dynamic.run import TraceOptions, trace
+
+    texts, source = select_input(args.prompt, args.builtin, args.text, args.wikitext, args.documents)
+    options = TraceOptions(layers=None if args.layers in (None, "all") else _parse_layers(args.layers),
+                           max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
+                           device=args.device)
+    results = trace(args.path, texts, dense=args.dense, out=args.out, options=options, source=source,
+                    resume=not args.no_resume, progress=not (args.quiet or args.json))
+    summary = results.summary
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return
+    if args.quiet:
+        return
+    per_layer = summary["per_layer"]
+    print(f"traced {summary['tokens']} tokens in {summary['documents']} document(s); wrote {results.path}")
+    print(f"  top-1 scored expert has the largest output norm: {_fmt(summary['top1_largest_norm_fraction'])} "
+          "of tokens (mean over layers)")
+    print("  layer  top1=largest-norm  mean expert-output similarity (angular)")
+    for layer, top1, sim in zip(summary["layers_done"], per_layer["top1_largest_norm_fraction"],
+                                per_layer["mean_routed_angular_similarity"]):
+        print(f"  {layer:>5}  {_fmt(top1):>17}  {_fmt(sim)}")
+
+
 def _duration(seconds: float) -> str:
     for unit, size in (("h", 3600), ("min", 60)):
         if seconds >= size:
@@ -113,6 +139,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.set_defaults(func=_cmd_weights)
+
+    p = sub.add_parser("trace", help="dynamic analyses from one forward pass: expert outputs, norms vs router "
+                                      "scores, intermediate states, chosen experts")
+    p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="one text to trace")
+    source.add_argument("--builtin", choices=["short", "chat", "long"],
+                        help="the study's short or chat-style prompt, or the bundled long text (the default)")
+    source.add_argument("--text", help="a text file; each blank-line separated paragraph is a document")
+    source.add_argument("--wikitext", help="a WikiText file: its first 10 non-empty, non-heading lines "
+                                           "(the study's long input)")
+    source.add_argument("--documents", help="a directory of .txt files or a .jsonl file with a 'text' field")
+    p.add_argument("--dense", help="a dense model with the same tokenizer whose FFN output joins as member 'F'")
+    p.add_argument("--layers", default="all", help="'all' (default) or a list like 0,3,8-11")
+    p.add_argument("--max-tokens", type=int, default=2048, help="cap on tokens over all documents")
+    p.add_argument("--batch-size", type=int, default=8, help="documents per forward batch")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | map (spread with accelerate)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--out", default="moescope-runs/trace", help="results directory (resumed if it exists)")
+    p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
+    p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("tiny", help="write a tiny structured checkpoint of a family in its real on-disk layout")
     p.add_argument("family")

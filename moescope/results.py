@@ -75,6 +75,10 @@ class RunWriter:
         atomic_write_bytes(stem.with_suffix(".safetensors"), blob)
         atomic_write_json(stem.with_suffix(".json"), {"layer": layer, **tables})
 
+    def write_json(self, name: str, data: Mapping[str, Any]) -> None:
+        """Write a run-wide table ``{name}.json`` (read back as ``results["{name}.key"]``)."""
+        atomic_write_json(self.out / f"{name}.json", dict(data))
+
     def write_summary(self, summary: Mapping[str, Any]) -> dict:
         """Write ``summary.json``; return what was written."""
         written = {"schema_version": SCHEMA_VERSION, **summary}
@@ -89,6 +93,7 @@ class Results:
     path: Path
     manifest: dict
     summary: dict
+    tables: dict[str, dict] = field(default_factory=dict)   # run-wide tables, e.g. ``inputs``
     _tables: dict[int, dict] = field(default_factory=dict, repr=False)
     _tensors: dict[int, dict[str, torch.Tensor]] = field(default_factory=dict, repr=False)
 
@@ -107,6 +112,8 @@ class Results:
         head, _, rest = key.partition(".")
         if head == "summary":
             return _dig(self.summary, rest)
+        if head in self.tables:
+            return _dig(self.tables[head], rest)
         if not head.startswith("layer") or not head[5:].isdigit():
             raise KeyError(f"{key!r}: keys look like 'layer3.gate.matrix_similarity' or 'summary.gate_r2_mean'")
         layer = int(head[5:])
@@ -159,7 +166,9 @@ def load_results(path: str | Path) -> Results:
                            f"schema {SCHEMA_VERSION}. Re-run the analysis with this version.")
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    results = Results(path, manifest, summary)
+    tables = {f.stem: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))
+              if f.stem not in ("manifest", "summary")}
+    results = Results(path, manifest, summary, tables)
     for table in sorted((path / "layers").glob("layer*.json")):
         data = json.loads(table.read_text())
         layer = int(data["layer"])

@@ -121,6 +121,24 @@ class Routing:
 
 
 @dataclass(frozen=True)
+class Execution:
+    """Where ``moescope trace`` finds things in the loaded model (module paths relative to a decoder layer).
+
+    ``model_class``: a transformers class name, or ``moescope:<family>`` for a clean-room implementation in
+    ``moescope.modeling``. ``router_outputs`` gives the position of ``logits`` / ``weights`` / ``indices`` in
+    the tuple the router module returns (``logits: null`` when it returns the logits tensor alone); what a
+    router does not return is recomputed from the family's routing rule.
+    """
+
+    model_class: str = ""
+    layers: str = "model.layers"
+    block: str = "mlp"
+    router: str = "mlp.gate"
+    router_outputs: Mapping[str, int | None] = field(
+        default_factory=lambda: {"logits": 0, "weights": 1, "indices": 2})
+
+
+@dataclass(frozen=True)
 class Family:
     """One family of checkpoints, as described by its data file."""
 
@@ -131,6 +149,7 @@ class Family:
     model_types: tuple[str, ...]
     activation: str
     routing: Routing
+    execution: Execution
     moe_layer: str                      # expression over `layer` and config values
     config_keys: Mapping[str, list[str]]
     defaults: Mapping[str, Any]
@@ -160,6 +179,8 @@ class Family:
             architectures=tuple(data["match"].get("architectures", ())),
             model_types=tuple(data["match"].get("model_type", ())),
             activation=data.get("activation", "silu"), routing=Routing(**data.get("routing", {})),
+            execution=Execution(**{"model_class": data["match"].get("architectures", [""])[0],
+                                   **data.get("execution", {})}),
             moe_layer=data.get("moe_layer", "True"),
             config_keys={**CONFIG_KEY_ALIASES, **data.get("config_keys", {})},
             defaults=data.get("defaults", {}),

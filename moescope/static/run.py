@@ -121,7 +121,7 @@ def _member_loader(model: MoEModel, layer: int, matrix: str, labels: list[str], 
     return load
 
 
-def _check_dense(model: MoEModel, dense: MoEModel, layers: list[int]) -> None:
+def check_dense_model(model: MoEModel, dense: MoEModel, layers: list[int]) -> None:
     """The dense model's FFN joins layer i as member F: it needs a dense FFN there and the same hidden size."""
     if dense.family.dense is None or dense.moe_layers:
         raise ConfigError(f"--dense must be a dense model (like Mistral-7B); '{dense.checkpoint.path}' is a "
@@ -151,7 +151,7 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     if bad:
         raise OptionsError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
     if dense_model is not None:
-        _check_dense(model, dense_model, layers)
+        check_dense_model(model, dense_model, layers)
     dtype = getattr(torch, opts.dtype)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
