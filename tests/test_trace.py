@@ -15,7 +15,7 @@ from moescope.dynamic.metrics import IntermediateSummary, NormScoreRanks, Output
 from moescope.dynamic.run import TraceOptions, trace
 
 TEXTS = [SHORT_PROMPT, CHAT_PROMPT, "Experts are small networks; the router picks two of them for every token."]
-FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3"]
+FAMILIES = ["mixtral", "qwen2_moe", "olmoe", "deepseek_v3", "deepseek", "grok1"]
 
 
 def _build(tiny, family):
@@ -162,7 +162,7 @@ def test_intermediate_states_kept_for_first_middle_last_layer(traced):
     assert results[f"layer{kept[0]}.intermediate"]["e0"].shape[0] == 5
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek", "grok1"])
 def test_capture_leaves_logits_unchanged_and_no_hook_behind(tiny, family):
     model = open_model(_build(tiny, family).path)
     net = load_model(model)

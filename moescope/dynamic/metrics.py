@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 
-def cosine_matrix(outputs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+def token_cosines(outputs: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Per-token cosine between members: outputs ``[M, T, H]`` -> ``[T, M, M]`` (float64)."""
     o = outputs.double()
     o = o / o.norm(dim=-1, keepdim=True).clamp_min(eps)
@@ -58,7 +58,7 @@ class OutputSimilarity:
 
     def update(self, outputs: torch.Tensor, start: int) -> None:
         """``outputs`` ``[M, T, H]`` of tokens ``start .. start+T`` (global positions)."""
-        cos = cosine_matrix(outputs)
+        cos = token_cosines(outputs)
         self.angular_sum += angular_similarity(cos).sum(0)
         self.cosine_sum += cos.sum(0)
         self.tokens += cos.shape[0]
