@@ -66,7 +66,7 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     texts, source = select_input(args.prompt, args.builtin, args.text, args.wikitext, args.documents)
     options = TraceOptions(layers=None if args.layers in (None, "all") else _parse_layers(args.layers),
                            max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
-                           device=args.device)
+                           device=args.device, stats=not args.no_stats, bootstrap=args.bootstrap)
     results = trace(args.path, texts, dense=args.dense, out=args.out, options=options, source=source,
                     resume=not args.no_resume, progress=not (args.quiet or args.json))
     summary = results.summary
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N | map (spread with accelerate)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="model dtype (auto: bfloat16 on GPU, float32 on CPU)")
+    p.add_argument("--no-stats", action="store_true", help="skip the routing statistics (load, entropy, ...)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples over documents for confidence intervals (0: none)")
     p.add_argument("--out", default="moescope-runs/trace", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")

@@ -228,3 +228,23 @@ def test_accumulators_merge_over_shards_like_one_pass():
             torch.testing.assert_close(s.finalize()[k], v)
         assert torch.equal(r.finalize()["rank_counts"], one_rank.finalize()["rank_counts"])
         torch.testing.assert_close(i.finalize()["mean_abs"]["e0"], one_int.finalize()["mean_abs"]["e0"])
+
+
+def test_routing_statistics_come_from_the_saved_choices(traced):
+    built, results = traced("olmoe")
+    model = open_model(built.path)
+    E = model.num_experts
+    for layer in results.layers:
+        idx, w = results[f"layer{layer}.chosen_experts"].numpy(), results[f"layer{layer}.chosen_weights"].numpy()
+        top1 = idx[np.arange(len(idx)), np.argmax(w, axis=1)]
+        np.testing.assert_allclose(results[f"layer{layer}.stats.load.top1_load.value"],
+                                   np.bincount(top1, minlength=E) / len(idx))
+        np.testing.assert_allclose(results[f"layer{layer}.stats.load.topk_load.value"],
+                                   np.bincount(idx.ravel(), minlength=E) / len(idx))
+        pairs = [(d[t], d[t + 1]) for a, b in zip(results["inputs.documents"], results["inputs.documents"][1:])
+                 for d in [top1[a:b]] for t in range(b - a - 1)]
+        assert results[f"layer{layer}.stats.consistency.top1_consistency.value"] == \
+            pytest.approx(np.mean([x == y for x, y in pairs]))
+        assert results[f"layer{layer}.stats.coactivation.lift"].shape == (E, E)
+    first = results.layers[0]
+    assert results[f"layer{first}.stats.cross_layer.next_layer"] == results.layers[1]

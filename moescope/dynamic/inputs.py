@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,8 @@ class Document:
 
 def paragraphs(text: str) -> list[str]:
     """Blank-line separated paragraphs, stripped, empty ones dropped."""
-    blocks = [" ".join(line.strip() for line in block.splitlines()) for block in text.split("\n\n")]
+    blocks = (" ".join(line.strip() for line in block.splitlines() if line.strip())
+              for block in re.split(r"\n\s*\n", text))
     return [b for b in blocks if b]
 
 

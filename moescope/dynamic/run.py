@@ -5,8 +5,9 @@ import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -20,6 +21,7 @@ from .inputs import Document, documents_hash, encode_documents
 from .loader import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .metrics import IntermediateSummary, NormScoreRanks, OutputSimilarity
 from .routing import router_scores, select_experts
+from .routing_stats import CrossLayerConsistency, LayerRoutingStats, top1_experts
 
 
 @dataclass
@@ -35,6 +37,9 @@ class TraceOptions:
     intermediate_layers: list[int] | None = None  # full act(W_gate x) kept here; None: first, middle, last
     intermediate_tokens: int = 64                 # ... for the first N tokens
     chunk_tokens: int = 2048                      # tokens per expert matmul block
+    stats: bool = True                            # routing statistics (load, entropy, co-activation, ...)
+    bootstrap: int = 1000                         # bootstrap resamples (over documents) for their CIs
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.max_tokens is not None and self.max_tokens < 1):
@@ -68,6 +73,44 @@ def reconstruct(model: MoEModel, layer: int, outputs: torch.Tensor, weights: tor
     if gate is not None:
         shared = shared * torch.sigmoid(x @ gate.float().T)
     return routed + shared
+
+
+def split_tables(data: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
+    """Nested results -> (JSON tables, tensors keyed ``prefix.path``): arrays become tensors, the rest JSON."""
+    tables, tensors = {}, {}
+    for key, value in data.items():
+        if isinstance(value, Mapping) and "value" not in value:
+            tables[key], more = split_tables(value, f"{prefix}.{key}")
+            tensors.update(more)
+        elif isinstance(value, np.ndarray):
+            tensors[f"{prefix}.{key}"] = torch.from_numpy(np.ascontiguousarray(value))
+        else:
+            tables[key] = value
+    return tables, tensors
+
+
+def layer_routing_stats(model: MoEModel, weights: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
+                        token_ids: Sequence[int], offsets: Sequence[int], opts: TraceOptions) -> tuple[dict, dict]:
+    """Routing statistics of one layer, documents as the resampling unit (see docs/routing_stats.md)."""
+    stats = LayerRoutingStats(model.num_experts, model.routing.top_k, seed=opts.seed)
+    ids = np.asarray(token_ids)
+    for a, b in zip(offsets, offsets[1:]):
+        stats.update(indices[a:b].numpy(), weights[a:b].numpy(), scores[a:b].numpy(), ids[a:b])
+    return split_tables(stats.finalize(n_bootstrap=opts.bootstrap, seed=opts.seed), "stats")
+
+
+def cross_layer_stats(choices: Mapping[int, tuple[torch.Tensor, torch.Tensor]], offsets: Sequence[int],
+                      experts: int, opts: TraceOptions) -> dict[int, dict]:
+    """Mutual information between a token's top-1 expert at each traced layer and at the next traced layer."""
+    layers, out = sorted(choices), {}
+    for layer, following in zip(layers, layers[1:]):
+        top1, top1_next = (top1_experts(choices[l][1].numpy(), choices[l][0].numpy()) for l in (layer, following))
+        acc = CrossLayerConsistency(experts, seed=opts.seed)
+        for a, b in zip(offsets, offsets[1:]):
+            acc.update(top1[a:b], top1_next[a:b])
+        tables, _ = split_tables(acc.finalize(n_bootstrap=opts.bootstrap, seed=opts.seed), "")
+        out[layer] = {"next_layer": following, **tables}
+    return out
 
 
 def analyse_layer(model: MoEModel, layer: int, trace: LayerTrace, opts: TraceOptions, keep_intermediate: bool,
@@ -174,9 +217,19 @@ def _trace_layers(model: MoEModel, dense_model: MoEModel | None, layers: list[in
     keep = set(opts.intermediate_layers if opts.intermediate_layers is not None
                else default_intermediate_layers(model.moe_layers))
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
+    offsets = np.cumsum([0] + [len(d.ids) for d in documents]).tolist()
+    token_ids = [i for d in documents for i in d.ids]
+    cross = cross_layer_stats({l: routing_of(model, traces[l])[1:] for l in layers}, offsets,
+                              model.num_experts, opts) if opts.stats else {}
     for layer in tqdm(layers, desc="experts", unit="layer", disable=not progress):
-        tables, tensors = analyse_layer(model, layer, traces.pop(layer), opts, layer in keep, dense_model,
+        trace = traces.pop(layer)
+        tables, tensors = analyse_layer(model, layer, trace, opts, layer in keep, dense_model,
                                         None if dense_traces is None else dense_traces.pop(layer), compute)
+        if opts.stats:
+            stats, stat_tensors = layer_routing_stats(model, tensors["chosen_weights"], tensors["chosen_experts"],
+                                                      tensors["router_scores"], token_ids, offsets, opts)
+            tables["stats"] = {**stats, "cross_layer": cross.get(layer)}
+            tensors.update(stat_tensors)
         if tables["reconstruction_error"] > tolerance:
             warnings.warn(f"layer {layer}: the recomputed experts rebuild the model's MoE output only to a "
                           f"relative error of {tables['reconstruction_error']:.2g}; the family description may "
