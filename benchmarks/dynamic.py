@@ -45,7 +45,7 @@ def study(net, model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.
 
         def all_experts(module, args, l=l, experts=experts, E=E):
             x = args[0].reshape(-1, args[0].shape[-1])
-            norms, cos = torch.zeros(len(x), E), torch.zeros(len(x), E, E)
+            norms, cos = torch.zeros(len(x), E, device=x.device), torch.zeros(len(x), E, E, device=x.device)
             for t in range(len(x)):
                 outs = []
                 for e in range(E):
@@ -64,31 +64,42 @@ def study(net, model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.
     return results
 
 
-def moescope_way(net, model, doc: Document) -> dict[int, dict]:
+def moescope_way(net, model, doc: Document, device: str = "cpu") -> dict[int, dict]:
     """(2) one forward pass, then per layer the batched recompute and accumulators."""
-    traces = forward_pass(net, model.family.execution, model.moe_layers, [doc], progress=False)
+    traces = forward_pass(net, model.family.execution, model.moe_layers, [doc], device=device, progress=False)
     opts = TraceOptions(similarity_tokens=len(doc.ids))
-    return {l: analyse_layer(model, l, traces[l], opts, keep_intermediate=False)[1] for l in model.moe_layers}
+    return {l: analyse_layer(model, l, traces[l], opts, keep_intermediate=False, device=device)[1]
+            for l in model.moe_layers}
 
 
-def matmul_rate(tokens: int, hidden: int, width: int, repeat: int = 20) -> float:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def matmul_rate(tokens: int, hidden: int, width: int, device: str, repeat: int = 20) -> float:
     """Measured float32 FLOP/s of the recompute's matmul shape [T, H] @ [H, I]."""
-    x, w = torch.randn(tokens, hidden), torch.randn(hidden, width)
+    x, w = torch.randn(tokens, hidden, device=device), torch.randn(hidden, width, device=device)
     x @ w
+    _sync(device)
     start = time.perf_counter()
     for _ in range(repeat):
         x @ w
+    _sync(device)
     return 2 * tokens * hidden * width * repeat / (time.perf_counter() - start)
 
 
-def recompute_seconds(model, traces) -> float:
+def recompute_seconds(model, traces, device: str) -> float:
     """The all-experts recompute alone (weights already in memory)."""
-    members = {l: [m.load() for m in layer_members(model, l)] for l in model.moe_layers}
+    members = {l: [m.load() for m in layer_members(model, l, device=device)] for l in model.moe_layers}
+    inputs = {l: traces[l].inputs.to(device) for l in model.moe_layers}
     glu = activation(model)
+    _sync(device)
     start = time.perf_counter()
     for l in model.moe_layers:
         for w in members[l]:
-            member_outputs(traces[l].inputs, w, glu)
+            member_outputs(inputs[l], w, glu)
+    _sync(device)
     return time.perf_counter() - start
 
 
@@ -100,6 +111,7 @@ def main() -> None:
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the GPU variant: same script)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -108,24 +120,28 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         build_checkpoint("mixtral", tmp, sizes=sizes, dtype="F32", tokenizer=False)
         model = open_model(tmp)
-        net = load_model(model)
+        net = load_model(model, args.device)
         ids = [1] + [3 + (7 * i) % 300 for i in range(args.tokens - 1)]
         doc = Document("", tuple(ids))
-        moescope_way(net, model, Document("", tuple(ids[:16])))  # warm-up: first calls pay one-off costs
-        study(net, model, torch.tensor([ids[:16]]))
+        moescope_way(net, model, Document("", tuple(ids[:16])), args.device)  # warm-up: one-off costs
+        study(net, model, torch.tensor([ids[:16]], device=args.device))
+        _sync(args.device)
         start = time.perf_counter()
-        ours = moescope_way(net, model, doc)
+        ours = moescope_way(net, model, doc, args.device)
+        _sync(args.device)
         t_ours = time.perf_counter() - start
         start = time.perf_counter()
-        ref = study(net, model, torch.tensor([ids]))
+        ref = study(net, model, torch.tensor([ids], device=args.device))
+        _sync(args.device)
         t_ref = time.perf_counter() - start
         for l in model.moe_layers:  # same numbers
-            torch.testing.assert_close(ours[l]["expert_norms"], ref[l][0], rtol=1e-4, atol=1e-5)
-            torch.testing.assert_close(ours[l]["token_similarity"], ref[l][1], rtol=1e-4, atol=1e-4)
-        traces = forward_pass(net, model.family.execution, model.moe_layers, [doc], progress=False)
-        t_recompute = recompute_seconds(model, traces)
+            torch.testing.assert_close(ours[l]["expert_norms"], ref[l][0].cpu(), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(ours[l]["token_similarity"], ref[l][1].cpu(), rtol=1e-4, atol=1e-4)
+        traces = forward_pass(net, model.family.execution, model.moe_layers, [doc], device=args.device,
+                              progress=False)
+        t_recompute = recompute_seconds(model, traces, args.device)
     flops = 3 * 2 * args.tokens * args.hidden * args.width * args.experts * args.layers
-    rate = matmul_rate(args.tokens, args.hidden, args.width)
+    rate = matmul_rate(args.tokens, args.hidden, args.width, args.device)
     T = args.tokens
     print(f"model: {args.layers} layers, hidden {args.hidden}, {args.experts} experts of width {args.width}; "
           f"{T} tokens; torch threads {torch.get_num_threads()}")

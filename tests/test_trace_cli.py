@@ -103,3 +103,13 @@ def test_input_rules(tmp_path):
     assert select_input(documents=tmp_path / "docs.jsonl") == (["one", "two"], f"documents:{tmp_path / 'docs.jsonl'}")
     texts, source = select_input()
     assert source == "builtin:long" and len(texts) >= 5
+
+
+def test_config_that_does_not_match_the_weights_is_refused(tiny, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny("mixtral").path, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["intermediate_size"] *= 2
+    (broken / "config.json").write_text(json.dumps(config))
+    assert main(["trace", str(broken), "--builtin", "short", "--out", str(tmp_path / "r")]) == 2
+    assert "does not match these weights" in capsys.readouterr().err
