@@ -52,7 +52,8 @@ def _cmd_weights(args: argparse.Namespace) -> None:
     options = WeightsOptions(layers=layers, matrices=tuple(args.matrices.split(",")),
                              neuron_level=not args.no_neuron_level, pairs=args.pairs,
                              pca_components=args.pca_components, memory_budget=_parse_bytes(args.memory_budget))
-    results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume)
+    results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume,
+                      workers=args.workers, ray=args.ray)
     r2 = results.summary.get("gate_r2_mean", {})
     print(f"wrote {len(results.layers)} layer(s) to {results.path}")
     for m, kinds in r2.items():
@@ -138,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default="2G", help="bytes for one streamed chunk of a layer (e.g. 512M, 2G)")
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
+    p.add_argument("--workers", type=int, default=1, help="analyse layers in N parallel processes")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the --workers on Ray (a local cluster, or the cluster at ADDRESS)")
     p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("trace", help="dynamic analyses from one forward pass: expert outputs, norms vs router "

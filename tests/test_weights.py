@@ -262,3 +262,17 @@ def test_bad_options_are_user_errors(tiny, tmp_path, capsys):
     assert "not MoE layers" in capsys.readouterr().err
     assert main(["inspect", str(built.path), "--pairs", "best:3"]) == 2
     assert "--pairs must be" in capsys.readouterr().err
+
+
+def test_parallel_workers_give_the_single_process_results(tiny, tmp_path):
+    built = tiny("olmoe", sizes={"num_hidden_layers": 3})
+    opts = WeightsOptions(matrices=("gate", "down"), pairs="sample:6")
+    one = moescope.weights(built.path, out=tmp_path / "one", options=opts, progress=False)
+    two = moescope.weights(built.path, out=tmp_path / "two", options=opts, progress=False, workers=2)
+    assert two.layers == one.layers == [0, 1, 2]
+    for key in one.keys():
+        a, b = one[key], two[key]
+        if isinstance(a, torch.Tensor):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, equal_nan=True)
+        else:
+            assert a == b or (a != a and b != b), key

@@ -140,9 +140,69 @@ def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
     return {"r": fit.r, "r2": fit.r2, "slope": fit.slope, "intercept": fit.intercept, "n_pairs": fit.n_pairs}
 
 
+def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opts: WeightsOptions,
+                  on_matrix=None) -> tuple[dict, dict]:
+    """Every static analysis of one MoE layer: (JSON tables, tensors)."""
+    dtype = getattr(torch, opts.dtype)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    router_sim = gate_embedding_similarity(model.router(layer).to(device), dtype=dtype)
+    tables: dict = {"dense_layers_skipped": model.dense_layers}
+    tensors = {"router_similarity": router_sim.cpu()}
+    for m in opts.matrices:
+        labels, widths = model.member_labels(layer), model.member_widths(layer)
+        dense_matrix = None
+        if dense_model is not None:
+            dense_matrix = dense_model.dense_ffn(layer, m).to(device)
+            labels, widths = labels + ["F"], widths + [dense_model.dense_width]
+        t, x = _matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
+        E = model.num_experts
+        t["gate_regression"] = {kind: _regression(x[key][:E, :E], router_sim.cpu()) for kind, key in
+                                (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
+        if opts.neuron_level:
+            load = _member_loader(model, layer, m, labels, widths, dense_matrix, device)
+            t2, x2 = _neuron_level(labels, load, x["matrix_similarity"], m, opts, dtype)
+            t.update(t2)
+            x.update(x2)
+        t["pca_neuron_members"] = dict(zip(labels, widths))
+        tables.update(labels=labels, widths=widths)
+        tables[m] = t
+        tensors.update({f"{m}.{k}": v.detach().cpu() for k, v in x.items()})
+        if on_matrix is not None:
+            on_matrix(layer, m)
+    return tables, tensors
+
+
+def _layer_task(job: tuple) -> int:
+    """Worker side of a parallel run: analyse one layer and write its files; return the layer."""
+    path, dense, out, manifest, layer, opts, threads = job
+    torch.set_num_threads(threads)
+    model, dense_model = open_model(path), (open_model(dense) if dense is not None else None)
+    RunWriter(Path(out), manifest).write_layer(layer, *analyse_layer(model, dense_model, layer, opts))
+    return layer
+
+
+def _pool(workers: int, ray: str | None):
+    """A process pool: Ray's (``ray``: "local" starts a local cluster, else a cluster address) or the stdlib's."""
+    if ray is not None:
+        try:
+            from ray.util.multiprocessing import Pool
+        except ImportError:
+            raise OptionsError("--ray needs Ray installed (pip install 'ray[default]'); without it, use --workers N "
+                               "for a local process pool") from None
+        return Pool(processes=workers, ray_address=None if ray == "local" else ray)
+    import multiprocessing
+
+    return multiprocessing.get_context("spawn").Pool(workers)
+
+
 def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Path = "moescope-runs/weights",
-            options: WeightsOptions | None = None, resume: bool = True, progress: bool = True) -> Results:
-    """Run the static analyses of PAPER.md on every MoE layer of ``path``; write and return the results."""
+            options: WeightsOptions | None = None, resume: bool = True, progress: bool = True,
+            workers: int = 1, ray: str | None = None) -> Results:
+    """Run the static analyses of PAPER.md on every MoE layer of ``path``; write and return the results.
+
+    ``workers`` > 1 analyses layers in parallel processes (each streaming its own layers; ``ray`` runs them on a
+    Ray cluster instead); every layer is written as it finishes, so any run can be resumed.
+    """
     opts = options or WeightsOptions()
     model = open_model(path)
     dense_model = open_model(dense) if dense is not None else None
@@ -150,10 +210,10 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     bad = [l for l in layers if l not in model.moe_layers]
     if bad:
         raise OptionsError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
+    if workers < 1:
+        raise OptionsError(f"--workers must be at least 1, got {workers}")
     if dense_model is not None:
         check_dense_model(model, dense_model, layers)
-    dtype = getattr(torch, opts.dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
                   "config_sha256": config_hash(model.config),
                   "dense": None if dense_model is None else {"path": str(dense_model.checkpoint.path),
@@ -161,34 +221,20 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     writer = RunWriter.open(out, "weights", {**asdict(opts), "layers": layers, "matrices": list(opts.matrices)},
                             checkpoint, resume=resume)
     todo = [l for l in layers if not writer.done(l)]
-    bar = tqdm(total=len(todo) * len(opts.matrices), desc="weights", unit="matrix", disable=not progress)
-    for layer in todo:
-        router_sim = gate_embedding_similarity(model.router(layer).to(device), dtype=dtype)
-        tables: dict = {"dense_layers_skipped": model.dense_layers}
-        tensors = {"router_similarity": router_sim.cpu()}
-        for m in opts.matrices:
-            bar.set_postfix(layer=layer, matrix=m)
-            labels, widths = model.member_labels(layer), model.member_widths(layer)
-            dense_matrix = None
-            if dense_model is not None:
-                dense_matrix = dense_model.dense_ffn(layer, m).to(device)
-                labels, widths = labels + ["F"], widths + [dense_model.dense_width]
-            t, x = _matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
-            E = model.num_experts
-            t["gate_regression"] = {kind: _regression(x[key][:E, :E], router_sim.cpu()) for kind, key in
-                                    (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
-            if opts.neuron_level:
-                load = _member_loader(model, layer, m, labels, widths, dense_matrix, device)
-                t2, x2 = _neuron_level(labels, load, x["matrix_similarity"], m, opts, dtype)
-                t.update(t2)
-                x.update(x2)
-            t["pca_neuron_members"] = dict(zip(labels, widths))
-            tables.update(labels=labels, widths=widths)
-            tables[m] = t
-            tensors.update({f"{m}.{k}": v.detach().cpu() for k, v in x.items()})
-            bar.update()
-        writer.write_layer(layer, tables, tensors)
-    bar.close()
+    if workers > 1 and len(todo) > 1:
+        threads = max(1, torch.get_num_threads() // workers)
+        jobs = [(str(model.checkpoint.path), None if dense is None else str(dense_model.checkpoint.path),
+                 str(writer.out), writer.manifest, layer, opts, threads) for layer in todo]
+        with _pool(min(workers, len(todo)), ray) as pool:
+            for _ in tqdm(pool.imap_unordered(_layer_task, jobs), total=len(jobs), desc="weights", unit="layer",
+                          disable=not progress):
+                pass
+    else:
+        bar = tqdm(total=len(todo) * len(opts.matrices), desc="weights", unit="matrix", disable=not progress)
+        for layer in todo:
+            bar.set_postfix(layer=layer)
+            writer.write_layer(layer, *analyse_layer(model, dense_model, layer, opts, lambda l, m: bar.update()))
+        bar.close()
     results = load_results(writer.out)
     results.summary = writer.write_summary(_summary(results, model, opts))
     return results
