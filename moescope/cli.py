@@ -6,7 +6,7 @@ import json
 import sys
 
 from ._version import __version__
-from .errors import MoescopeError
+from .errors import MoescopeError, OptionsError
 
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
@@ -84,6 +84,19 @@ def _cmd_trace(args: argparse.Namespace) -> None:
     for layer, top1, sim in zip(summary["layers_done"], per_layer["top1_largest_norm_fraction"],
                                 per_layer["mean_routed_angular_similarity"]):
         print(f"  {layer:>5}  {_fmt(top1):>17}  {_fmt(sim)}")
+
+
+def _cmd_zoo(args: argparse.Namespace) -> None:
+    from . import zoo
+
+    if args.action == "path":
+        if not args.name:
+            raise OptionsError("moescope zoo path NAME: give a model name (see moescope zoo list)")
+        print(zoo.model_path(args.name))
+        return
+    for name in zoo.list_models():
+        info = zoo.model_info(name)
+        print(f"{name:<24} {info.get('family', ''):<10} {zoo.model_path(name)}")
 
 
 def _duration(seconds: float) -> str:
@@ -170,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("zoo", help="the tiny trained models shipped with moescope: list them, or print one's path")
+    p.add_argument("action", choices=["list", "path"])
+    p.add_argument("name", nargs="?", help="model name (for 'path')")
+    p.set_defaults(func=_cmd_zoo)
 
     p = sub.add_parser("tiny", help="write a tiny structured checkpoint of a family in its real on-disk layout")
     p.add_argument("family")
