@@ -86,6 +86,26 @@ def _cmd_trace(args: argparse.Namespace) -> None:
         print(f"  {layer:>5}  {_fmt(top1):>17}  {_fmt(sim)}")
 
 
+def _cmd_report(args: argparse.Namespace) -> None:
+    from .report.html import format_summary, read_summary, report
+
+    path = report(args.runs, args.out, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(read_summary(path), indent=2))
+    elif not args.quiet:
+        print(format_summary(read_summary(path)))
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from .report.compare import compare, format_compare, read_compare
+
+    path = compare(args.run_a, args.run_b, args.out, quiet=args.quiet or args.json)
+    if args.json:
+        print(json.dumps(read_compare(path), indent=2))
+    elif not args.quiet:
+        print(format_compare(read_compare(path)))
+
+
 def _cmd_zoo(args: argparse.Namespace) -> None:
     from . import zoo
 
@@ -183,6 +203,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(func=_cmd_trace)
+
+    p = sub.add_parser("report", help="self-contained HTML report (figures, headline numbers) from saved runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a weights run and/or a trace run of one model")
+    p.add_argument("--out", help="output directory or .html path (default: RUN_DIR/report/index.html)")
+    p.add_argument("--quiet", action="store_true", help="no progress and no summary")
+    p.add_argument("--json", action="store_true", help="print the headline numbers as JSON")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("compare", help="compare two runs: routing agreement token by token (e.g. base vs "
+                                        "instruct), load shift, similarity differences")
+    p.add_argument("run_a")
+    p.add_argument("run_b")
+    p.add_argument("--out", help="output directory (default: RUN_A/compare)")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the comparison numbers as JSON")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("zoo", help="the tiny trained models shipped with moescope: list them, or print one's path")
     p.add_argument("action", choices=["list", "path"])
