@@ -16,7 +16,7 @@ from typing import Iterator
 import torch
 
 from .errors import (ConfigError, CorruptCheckpointError, MissingShardError, TensorNotFoundError,
-                     UnsupportedDtypeError)
+                     UnsafeCheckpointError, UnsupportedDtypeError)
 from .hub import resolve_checkpoint_dir
 
 # safetensors dtype code -> (torch dtype, bytes per element)
@@ -48,55 +48,113 @@ class TensorInfo:
         return self.numel * SAFETENSORS_DTYPES[self.dtype][1]
 
 
+_DOWNLOAD_AGAIN = "The file is truncated or corrupt: download it again."
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header without touching the tensor data."""
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise CorruptCheckpointError(
-                f"'{path}' is {size} bytes: too short for a safetensors file (expected an 8-byte header "
-                "length followed by a JSON header). The file is truncated: download it again.")
-        (length,) = struct.unpack("<Q", head)
-        if length > min(_MAX_HEADER, size - 8):
-            raise CorruptCheckpointError(
-                f"'{path}' declares a {length}-byte header but the file holds {size - 8} bytes after the "
-                "length field: the header is corrupt or the file is truncated. Download it again.")
-        raw = handle.read(length)
+    """Parse and validate a safetensors header without touching the tensor data.
+
+    Checks what the safetensors format requires, so a file that passes is one ``safe_open`` reads: an 8-byte
+    little-endian header length within the file, a UTF-8 JSON object, string-to-string ``__metadata__``, every
+    entry with a known dtype, a shape of non-negative integers and ``data_offsets`` whose span matches the
+    shape, and offsets that tile the data section exactly (no overlaps, no holes, nothing after the last
+    tensor). Raises ``CorruptCheckpointError`` (``UnsupportedDtypeError`` for an unknown dtype) otherwise.
+    """
+    path = Path(path)
     try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            head = handle.read(8)
+            if len(head) < 8:
+                raise CorruptCheckpointError(
+                    f"'{path}' is {size} bytes: too short for a safetensors file (expected an 8-byte header "
+                    f"length followed by a JSON header). {_DOWNLOAD_AGAIN}")
+            (length,) = struct.unpack("<Q", head)
+            if length > size - 8:
+                raise CorruptCheckpointError(
+                    f"'{path}' declares a {length}-byte header but the file holds {size - 8} bytes after the "
+                    f"length field: the header is corrupt or the file is truncated. Download it again.")
+            if length > _MAX_HEADER:
+                raise CorruptCheckpointError(
+                    f"'{path}' declares a {length}-byte header; safetensors headers are at most {_MAX_HEADER} "
+                    f"bytes. {_DOWNLOAD_AGAIN}")
+            raw = handle.read(length)
+    except FileNotFoundError:
+        raise MissingShardError(f"weight file '{path}' does not exist (it vanished while being read?). "
+                                "Download the missing shard and run again.") from None
+    except OSError as exc:
+        raise CorruptCheckpointError(f"cannot read '{path}' ({exc.strerror or exc}): expected a readable "
+                                     "safetensors file. Check its permissions or download it again.") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(
-            f"'{path}' has a header that is not valid JSON ({exc}). The file is corrupt: download it again.") from None
+            f"'{path}' has a header that is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:100]}). "
+            f"{_DOWNLOAD_AGAIN}") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"'{path}' header is a {type(header).__name__}, expected a JSON object.")
+        raise CorruptCheckpointError(f"'{path}' header is a JSON {type(header).__name__}, expected a JSON object "
+                                     f"of tensor entries. {_DOWNLOAD_AGAIN}")
+    metadata = header.get("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise CorruptCheckpointError(f"'{path}': __metadata__ must map strings to strings, found "
+                                     f"{str(metadata)[:80]}. {_DOWNLOAD_AGAIN}")
     data_size = size - 8 - length
-    infos = {}
+    infos, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        infos[name] = _tensor_info(path, name, entry, data_size)
+        infos[name], span = _tensor_info(path, name, entry, data_size)
+        spans.append((*span, name))
+    _check_tiling(path, spans, data_size)
     return infos
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> TensorInfo:
-    try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-    except (TypeError, KeyError, ValueError) as exc:
-        raise CorruptCheckpointError(
-            f"'{path}': header entry for '{name}' is malformed ({exc!r}); expected dtype, shape and "
-            "data_offsets. The file is corrupt: download it again.") from None
-    if dtype not in SAFETENSORS_DTYPES:
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
+    expected = ('expected {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [begin, end]} with '
+                "non-negative integers")
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CorruptCheckpointError(f"'{path}': header entry for '{name}' is malformed ({expected}; found "
+                                     f"{str(entry)[:80]}). {_DOWNLOAD_AGAIN}")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if (not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
+        raise CorruptCheckpointError(f"'{path}': header entry for '{name}' is malformed ({expected}; found shape "
+                                     f"{str(shape)[:40]}, data_offsets {str(offsets)[:40]}). {_DOWNLOAD_AGAIN}")
+    if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise UnsupportedDtypeError(
             f"'{path}': tensor '{name}' has dtype {dtype}; moescope reads {sorted(SAFETENSORS_DTYPES)}. "
             "Convert the checkpoint to one of these (e.g. bfloat16) first.")
-    info = TensorInfo(name, path, dtype, shape)
+    info = TensorInfo(name, path, dtype, tuple(shape))
+    begin, end = offsets
     if not (0 <= begin <= end <= data_size) or end - begin != info.nbytes:
         raise CorruptCheckpointError(
             f"'{path}': tensor '{name}' ({dtype}{list(shape)}) should span {info.nbytes} bytes inside a "
             f"{data_size}-byte data section, but its offsets are [{begin}, {end}]. The file is truncated "
             "or corrupt: download it again.")
-    return info
+    return info, (begin, end)
+
+
+def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+    """Tensors must cover the data section exactly, in offset order: no overlap, no hole, no trailing bytes."""
+    position, previous = 0, None
+    for begin, end, name in sorted(spans):
+        if begin < position:
+            raise CorruptCheckpointError(
+                f"'{path}': tensors '{previous}' and '{name}' overlap (bytes [{begin}, {position}) of the data "
+                f"section belong to both); each tensor must own its bytes. {_DOWNLOAD_AGAIN}")
+        if begin > position:
+            raise CorruptCheckpointError(
+                f"'{path}': bytes [{position}, {begin}) of the data section belong to no tensor (a hole before "
+                f"'{name}'); safetensors files hold their tensors back to back. {_DOWNLOAD_AGAIN}")
+        position, previous = end, name
+    if position != data_size:
+        raise CorruptCheckpointError(
+            f"'{path}': its tensors end at byte {position} of a {data_size}-byte data section; expected them to "
+            f"fill it exactly (extra or missing bytes at the end). {_DOWNLOAD_AGAIN}")
 
 
 class Checkpoint:
@@ -146,9 +204,16 @@ class Checkpoint:
         info = self.info(name)
         if self.format == "safetensors":
             handle = self._handle(info.file)
-            if rows is None:
-                return handle.get_tensor(name)
-            return handle.get_slice(name)[rows]
+            from safetensors import SafetensorError
+
+            try:
+                if rows is None:
+                    return handle.get_tensor(name)
+                return handle.get_slice(name)[rows]
+            except SafetensorError as exc:  # the file changed, or is damaged beyond its header
+                raise CorruptCheckpointError(
+                    f"'{info.file}': reading tensor '{name}' failed ({type(exc).__name__}: {str(exc)[:120]}), "
+                    f"although its header was valid. {_DOWNLOAD_AGAIN}") from None
         tensor = self._handle(info.file)[name]
         return (tensor if rows is None else tensor[rows]).clone()
 
@@ -171,6 +236,10 @@ class Checkpoint:
         state = self._handle(file)
         infos = {}
         for name, tensor in state.items():
+            if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+                raise CorruptCheckpointError(
+                    f"'{file}' maps {name!r} to a {type(tensor).__name__}; expected a state dict of tensors keyed "
+                    "by name. It is not a model checkpoint shard: download it again or convert it to safetensors.")
             code = TORCH_TO_CODE.get(tensor.dtype)
             if code is None:
                 raise UnsupportedDtypeError(
@@ -189,33 +258,80 @@ class Checkpoint:
 def _open_safetensors(file: Path):
     from safetensors import safe_open
 
-    return safe_open(str(file), framework="pt")
+    try:
+        return safe_open(str(file), framework="pt")
+    except FileNotFoundError:
+        raise MissingShardError(f"weight file '{file}' does not exist (it vanished after its header was read?). "
+                                "Download the missing shard and run again.") from None
+    except Exception as exc:  # SafetensorError: something the header check did not catch
+        raise CorruptCheckpointError(f"'{file}' is not a readable safetensors file ({type(exc).__name__}: "
+                                     f"{str(exc)[:120]}). {_DOWNLOAD_AGAIN}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
 
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled ``.bin`` shard with ``torch.load(weights_only=True)``: tensors and plain containers only."""
+    import pickle
+
+    if file.stat().st_size == 0:
+        raise CorruptCheckpointError(f"'{file}' is empty (0 bytes); expected a PyTorch checkpoint shard. "
+                                     "The download is incomplete: download it again.")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as exc:
+    except pickle.UnpicklingError as exc:  # weights_only refuses anything that would run code to load
+        raise UnsafeCheckpointError(
+            f"'{file}' can only be loaded by unsafe unpickling, which could run arbitrary code: it holds objects "
+            f"other than tensors and plain containers ({_first_line(exc)}). moescope refuses to unpickle it. "
+            "Convert the file to safetensors with a tool you trust, or use a safetensors copy of the checkpoint."
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
         raise CorruptCheckpointError(
-            f"'{file}' is not a readable PyTorch zip checkpoint ({str(exc).splitlines()[0]}). "
-            "It may be truncated or saved in the legacy format: download it again or convert it to safetensors.") from None
-    except Exception as exc:  # UnpicklingError: weights_only refuses arbitrary objects
+            f"'{file}' is not a readable PyTorch zip checkpoint ({type(exc).__name__}: {_first_line(exc)}). "
+            "It may be truncated or saved in the legacy format: download it again or convert it to safetensors."
+        ) from None
+    except Exception as exc:  # anything else torch.load raises on a damaged file
         raise CorruptCheckpointError(
-            f"'{file}' could not be loaded safely ({type(exc).__name__}: {str(exc).splitlines()[0]}). moescope never "
+            f"'{file}' could not be loaded safely ({type(exc).__name__}: {_first_line(exc)}). moescope never "
             "unpickles arbitrary objects; convert the file to safetensors with a tool you trust.") from None
     if not isinstance(state, dict):
-        raise CorruptCheckpointError(f"'{file}' holds a {type(state).__name__}, expected a state dict of tensors.")
+        raise CorruptCheckpointError(f"'{file}' holds a {type(state).__name__}, expected a state dict of tensors. "
+                                     "Download it again or convert it to safetensors.")
     return state
+
+
+def parse_config(raw: bytes, source: str | Path = "config.json") -> dict:
+    """Parse the bytes of a config.json and check its generic fields (see ``validate.check_config``).
+
+    Raises ``ConfigError`` for anything that is not a sensible JSON object.
+    """
+    from .validate import check_config
+
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"'{source}' is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON "
+                          "config. Fix or re-download config.json.") from None
+    except (ValueError, RecursionError) as exc:
+        raise ConfigError(f"'{source}' is not valid JSON ({type(exc).__name__}: {str(exc)[:120]}). "
+                          "Fix or re-download config.json.") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"'{source}' holds a JSON {type(config).__name__}, expected a JSON object. "
+                          "Fix or re-download config.json.")
+    check_config(config, source)
+    return config
 
 
 def _read_config(path: Path) -> dict:
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"'{path}' is not valid JSON ({exc}). Fix or re-download config.json.") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"'{path}' holds a {type(config).__name__}, expected a JSON object.")
-    return config
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read '{path}' ({exc.strerror or exc}); expected a readable config.json. "
+                          "Check its permissions.") from None
+    return parse_config(raw, path)
 
 
 _INDEXES = (("safetensors", "model.safetensors.index.json", "model.safetensors", "*.safetensors"),
@@ -232,7 +348,7 @@ def _discover_weights(path: Path) -> tuple[str, list[Path], dict[str, Path]]:
         if index.is_file():
             declared = _read_index(index)
             return fmt, sorted(set(declared.values())), declared
-        files = [path / single] if (path / single).is_file() else sorted(path.glob(pattern))
+        files = [path / single] if (path / single).is_file() else sorted(p for p in path.glob(pattern) if p.is_file())
         if files:
             return fmt, files, {}
     present = sorted(p.name for p in path.iterdir())
@@ -242,14 +358,46 @@ def _discover_weights(path: Path) -> tuple[str, list[Path], dict[str, Path]]:
         "The download is incomplete: fetch the weight files too.")
 
 
+def parse_index(raw: bytes, directory: Path, source: str | Path = "index") -> dict[str, Path]:
+    """Parse the bytes of a ``*.index.json``: tensor name -> shard path inside ``directory`` (not checked on disk).
+
+    Raises ``CorruptCheckpointError`` unless it is a JSON object whose ``weight_map`` maps names to plain shard
+    file names.
+    """
+    expected = "expected a JSON object whose 'weight_map' maps tensor names to shard file names"
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptCheckpointError(f"'{source}' is not valid JSON ({type(exc).__name__}: {str(exc)[:120]}); "
+                                     f"{expected}. Download it again.") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        found = f"a JSON {type(data).__name__}" if not isinstance(data, dict) else \
+            ("no 'weight_map'" if "weight_map" not in data else f"a weight_map of type {type(weight_map).__name__}")
+        raise CorruptCheckpointError(f"'{source}' is not a valid index ({expected}; found {found}). "
+                                     "Download it again.")
+    files = {}
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard or shard in (".", ".."):
+            raise CorruptCheckpointError(
+                f"'{source}' maps tensor '{name}' to {shard!r}; {expected} in the same directory. "
+                "The index is corrupt: download it again.")
+        files[name] = directory / shard
+    return files
+
+
+def read_index(index: Path) -> dict[str, Path]:
+    """Read an index file and check that every shard it names is on disk (``MissingShardError`` otherwise)."""
+    return _read_index(Path(index))
+
+
 def _read_index(index: Path) -> dict[str, Path]:
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise CorruptCheckpointError(
-            f"'{index}' is not a valid index (expected JSON with a 'weight_map' object; {exc!r}). "
-            "Download it again.") from None
-    files = {name: index.parent / shard for name, shard in weight_map.items()}
+        raw = index.read_bytes()
+    except OSError as exc:
+        raise CorruptCheckpointError(f"cannot read '{index}' ({exc.strerror or exc}). Check its permissions or "
+                                     "download it again.") from None
+    files = parse_index(raw, index.parent, index)
     missing = sorted({f.name for f in files.values() if not f.is_file()})
     if missing:
         raise MissingShardError(

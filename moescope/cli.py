@@ -106,6 +106,19 @@ def _cmd_compare(args: argparse.Namespace) -> None:
         print(format_compare(read_compare(path)))
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import demo
+
+    index, pages = demo(args.out, progress=not args.quiet)
+    if args.quiet:
+        return
+    for page in pages:
+        print(page.title)
+        for line in page.findings:
+            print(f"  - {line}")
+    print(f"report: {index}")
+
+
 def _cmd_zoo(args: argparse.Namespace) -> None:
     from . import zoo
 
@@ -219,6 +232,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", action="store_true", help="print the comparison numbers as JSON")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("demo", help="the analyses and the report on moescope's bundled trained models")
+    p.add_argument("--out", default="moescope-demo", help="output directory (default: ./moescope-demo)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("zoo", help="the tiny trained models shipped with moescope: list them, or print one's path")
     p.add_argument("action", choices=["list", "path"])

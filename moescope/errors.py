@@ -22,6 +22,10 @@ class CorruptCheckpointError(MoescopeError):
     """A weight file or index cannot be parsed (truncated file, bad header, bad JSON)."""
 
 
+class UnsafeCheckpointError(CorruptCheckpointError):
+    """A pickled ``.bin`` shard holds objects that only unsafe unpickling could load (moescope refuses)."""
+
+
 class TensorNotFoundError(MoescopeError):
     """A tensor the family description needs is in none of the shards."""
 
@@ -40,3 +44,23 @@ class ConfigError(MoescopeError):
 
 class OptionsError(MoescopeError, ValueError):
     """An option has an impossible value (unknown matrix, bad --pairs spec, a layer that is not an MoE layer)."""
+
+
+class ResultsError(MoescopeError):
+    """A results directory is missing, damaged, from another schema version, or from different options."""
+
+
+class OutputError(ResultsError):
+    """An output file could not be written (directory not writable, disk full, ...); nothing half-written is left."""
+
+
+class NonFiniteWeightsError(MoescopeError):
+    """Weights hold NaN or inf where no meaningful analysis can continue (e.g. a forward pass they poison)."""
+
+
+class MoescopeWarning(UserWarning):
+    """Something in the input is wrong but the analysis continues (the results record what was affected)."""
+
+
+class NonFiniteWeightsWarning(MoescopeWarning):
+    """Some experts' weights hold NaN / inf, or are all zero: they are left out of the analyses they would void."""

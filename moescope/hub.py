@@ -19,6 +19,10 @@ def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
         return _require_config(path)
     if path.is_file() and path.name == "config.json":
         return path.parent
+    if path.is_file():
+        raise ConfigNotFoundError(
+            f"'{path}' is a file; expected a checkpoint directory (config.json + weight shards). "
+            f"Pass the directory that holds it: '{path.parent}'.")
     if isinstance(path_or_id, str) and _HUB_ID.match(path_or_id):
         cached = _cached_snapshot(path_or_id)
         if cached is not None:

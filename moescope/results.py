@@ -17,14 +17,10 @@ from typing import Any, Iterator, Mapping
 import torch
 
 from ._version import __version__
-from .errors import MoescopeError
-from .writer import atomic_write_bytes, atomic_write_json
+from .errors import OutputError, ResultsError
+from .writer import TEMP_SUFFIX, atomic_write_bytes, atomic_write_json, output_errors
 
 SCHEMA_VERSION = 1
-
-
-class ResultsError(MoescopeError):
-    """A results directory is missing, from another schema version, or from different options."""
 
 
 def config_hash(config: Mapping) -> str:
@@ -42,48 +38,104 @@ class RunWriter:
     @classmethod
     def open(cls, out: str | Path, analysis: str, options: Mapping[str, Any], checkpoint: Mapping[str, Any],
              resume: bool = True) -> "RunWriter":
+        """Open ``out`` for a run: resume a previous run with the same manifest, or start afresh.
+
+        Refuses (``ResultsError``) a directory holding another run, another schema or a damaged manifest unless
+        ``resume`` is False; write failures (not writable, disk full) raise ``OutputError``.
+        """
         out = Path(out)
         manifest = {"schema_version": SCHEMA_VERSION, "moescope_version": __version__, "analysis": analysis,
                     "options": dict(options), "checkpoint": dict(checkpoint)}
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"--out '{out}' is a file, expected a results directory (new or from a previous run). "
+                              "Choose another --out.")
         existing = out / "manifest.json"
         if existing.is_file() and resume:
-            old = json.loads(existing.read_text())
-            same = {k: old.get(k) for k in ("schema_version", "analysis", "options", "checkpoint")} == \
-                   {k: manifest[k] for k in ("schema_version", "analysis", "options", "checkpoint")}
-            if not same:
-                raise ResultsError(
-                    f"'{out}' holds results of another run (different checkpoint, options or schema). "
-                    "Choose another --out directory, or pass --no-resume to overwrite it.")
-        (out / "layers").mkdir(parents=True, exist_ok=True)
-        if not resume:
-            for f in (out / "layers").glob("layer*"):
-                f.unlink()
-        atomic_write_json(existing, manifest)
+            _check_resumable(out, _read_object(existing, "manifest"), manifest)
+        with output_errors(out):
+            (out / "layers").mkdir(parents=True, exist_ok=True)
+            _remove_stale_temporaries(out)
+            if not resume:
+                for f in [*(out / "layers").glob("layer*"), out / "summary.json"]:
+                    f.unlink(missing_ok=True)
+            atomic_write_json(existing, manifest)
         return cls(out, manifest)
 
     def _stem(self, layer: int) -> Path:
         return self.out / "layers" / f"layer{layer:03d}"
 
     def done(self, layer: int) -> bool:
-        return self._stem(layer).with_suffix(".json").is_file()
+        """Whether a previous run finished ``layer`` (its JSON, written last, and its tensors are both there)."""
+        stem = self._stem(layer)
+        return stem.with_suffix(".json").is_file() and stem.with_suffix(".safetensors").is_file()
 
     def write_layer(self, layer: int, tables: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> None:
+        """Write one finished layer: tensors first, JSON last, each atomically.
+
+        If writing fails (disk full, ...), neither file is left behind: the layer stays unfinished and a rerun
+        recomputes it. Raises ``OutputError``.
+        """
         from safetensors.torch import save
 
         stem = self._stem(layer)
         blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"layer": str(layer)})
-        atomic_write_bytes(stem.with_suffix(".safetensors"), blob)
-        atomic_write_json(stem.with_suffix(".json"), {"layer": layer, **tables})
+        text = (json.dumps({"layer": layer, **tables}, indent=2) + "\n").encode()
+        with output_errors(self.out, f"layer {layer}"):
+            atomic_write_bytes(stem.with_suffix(".safetensors"), blob)
+            try:
+                atomic_write_bytes(stem.with_suffix(".json"), text)
+            except BaseException:
+                stem.with_suffix(".safetensors").unlink(missing_ok=True)
+                raise
 
     def write_json(self, name: str, data: Mapping[str, Any]) -> None:
         """Write a run-wide table ``{name}.json`` (read back as ``results["{name}.key"]``)."""
-        atomic_write_json(self.out / f"{name}.json", dict(data))
+        with output_errors(self.out, f"{name}.json"):
+            atomic_write_json(self.out / f"{name}.json", dict(data))
 
     def write_summary(self, summary: Mapping[str, Any]) -> dict:
         """Write ``summary.json``; return what was written."""
         written = {"schema_version": SCHEMA_VERSION, **summary}
-        atomic_write_json(self.out / "summary.json", written)
+        with output_errors(self.out, "summary.json"):
+            atomic_write_json(self.out / "summary.json", written)
         return written
+
+
+def _check_resumable(out: Path, old: dict, new: dict) -> None:
+    """Refuse to resume into ``out`` unless its manifest describes the same run as ``new``."""
+    if old.get("schema_version") != SCHEMA_VERSION:
+        raise ResultsError(
+            f"'{out}' holds results of schema {old.get('schema_version')!r} (written by moescope "
+            f"{old.get('moescope_version', 'unknown')}); this moescope writes schema {SCHEMA_VERSION} and cannot "
+            "resume them. Choose another --out, or pass --no-resume to overwrite them.")
+    keys = ("analysis", "options", "checkpoint")
+    differ = [k for k in keys if old.get(k) != new[k]]
+    if differ:
+        raise ResultsError(
+            f"'{out}' holds results of another run (different {', '.join(differ)}: e.g. "
+            f"{_first_difference(old.get(differ[0]), new[differ[0]])}). "
+            "Choose another --out directory, or pass --no-resume to overwrite it.")
+
+
+def _first_difference(old: Any, new: Any) -> str:
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return f"{key}: {_short(old.get(key))} there, {_short(new.get(key))} now"
+    return f"{_short(old)} there, {_short(new)} now"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Remove temporary files a killed run left (``.name.random.tmp``): they never count as results."""
+    for folder in (out, out / "layers"):
+        for tmp in folder.glob(f".*{TEMP_SUFFIX}"):
+            if tmp.is_file():
+                tmp.unlink(missing_ok=True)
 
 
 @dataclass
@@ -124,9 +176,15 @@ class Results:
             return tensors[rest]
         prefix = rest + "."
         nested = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        if nested:
-            return nested
-        return _dig(self._tables[layer], rest)
+        try:
+            table = _dig(self._tables[layer], rest)
+        except KeyError:
+            if nested:
+                return nested
+            raise
+        if nested and isinstance(table, Mapping):  # tables and tensors under one key: one nested dict
+            return _with_tensors(table, nested)
+        return table
 
     def keys(self) -> Iterator[str]:
         for layer in self.layers:
@@ -143,6 +201,18 @@ def _dig(data: Mapping, dotted: str) -> Any:
     return value
 
 
+def _with_tensors(table: Mapping, tensors: Mapping[str, Any]) -> dict:
+    """A copy of ``table`` with each tensor placed at its dotted path."""
+    merged = json.loads(json.dumps(table))
+    for dotted, tensor in tensors.items():
+        *parents, last = dotted.split(".")
+        node = merged
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = tensor
+    return merged
+
+
 def _flat_keys(data: Mapping, prefix: str = "") -> Iterator[str]:
     for k, v in data.items():
         if isinstance(v, Mapping) and v:
@@ -151,28 +221,66 @@ def _flat_keys(data: Mapping, prefix: str = "") -> Iterator[str]:
             yield f"{prefix}{k}"
 
 
-def load_results(path: str | Path) -> Results:
-    """Load a run directory written by ``moescope weights`` (or any analysis using ``RunWriter``)."""
+def _read_json(path: Path, what: str) -> Any:
+    """Parse one JSON file of a results directory, or raise ``ResultsError`` saying it is damaged."""
+    try:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise ResultsError(
+            f"'{path}' ({what}) is damaged: expected JSON, could not parse it ({type(exc).__name__}: "
+            f"{str(exc)[:120]}). Re-run the analysis into a fresh --out (or with --no-resume).") from None
+
+
+def _read_object(path: Path, what: str) -> dict:
+    data = _read_json(path, what)
+    if not isinstance(data, dict):
+        raise ResultsError(f"'{path}' ({what}) holds a JSON {type(data).__name__}, expected an object. "
+                           "Re-run the analysis into a fresh --out (or with --no-resume).")
+    return data
+
+
+def _read_tensors(path: Path, layer: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
+    if not path.is_file():
+        raise ResultsError(f"'{path.parent}' has the JSON of layer {layer} but not its tensors ({path.name}): the "
+                           "results are damaged. Delete that layer's JSON and re-run to recompute it.")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError, OSError, ...: the file is damaged
+        raise ResultsError(f"'{path}' (tensors of layer {layer}) is damaged ({type(exc).__name__}: "
+                           f"{str(exc)[:120]}). Delete layer{layer:03d}.json and re-run to recompute it.") from None
+
+
+def load_results(path: str | Path) -> Results:
+    """Load a run directory written by ``moescope weights`` (or any analysis using ``RunWriter``).
+
+    Raises ``ResultsError`` for a directory that is not a results directory, is from another schema version, or
+    is damaged (unparseable JSON, missing or unreadable tensors).
+    """
     path = Path(path)
     manifest_file = path / "manifest.json"
     if not manifest_file.is_file():
         raise ResultsError(f"'{path}' is not a moescope results directory (no manifest.json). "
                            "Pass the --out directory of a moescope run.")
-    manifest = json.loads(manifest_file.read_text())
-    if manifest.get("schema_version") != SCHEMA_VERSION:
-        raise ResultsError(f"'{path}' uses results schema {manifest.get('schema_version')}, this moescope reads "
-                           f"schema {SCHEMA_VERSION}. Re-run the analysis with this version.")
+    manifest = _read_object(manifest_file, "manifest")
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ResultsError(f"'{path}' uses results schema {version!r} (written by moescope "
+                           f"{manifest.get('moescope_version', 'unknown')}), this moescope reads schema "
+                           f"{SCHEMA_VERSION}. Re-run the analysis with this version (or load it with the "
+                           "moescope that wrote it).")
     summary_file = path / "summary.json"
-    summary = json.loads(summary_file.read_text()) if summary_file.is_file() else {}
-    tables = {f.stem: json.loads(f.read_text()) for f in sorted(path.glob("*.json"))
+    summary = _read_object(summary_file, "summary") if summary_file.is_file() else {}
+    tables = {f.stem: _read_object(f, "table") for f in sorted(path.glob("*.json"))
               if f.stem not in ("manifest", "summary")}
     results = Results(path, manifest, summary, tables)
     for table in sorted((path / "layers").glob("layer*.json")):
-        data = json.loads(table.read_text())
-        layer = int(data["layer"])
+        data = _read_object(table, "layer table")
+        layer = data.get("layer")
+        if type(layer) is not int or table.stem != f"layer{layer:03d}":
+            raise ResultsError(f"'{table}' names layer {layer!r}, expected the layer in its file name. The results "
+                               "are damaged: delete that file and re-run to recompute the layer.")
         results._tables[layer] = data
-        tensors = table.with_suffix(".safetensors")
-        results._tensors[layer] = load_file(str(tensors)) if tensors.is_file() else {}
+        results._tensors[layer] = _read_tensors(table.with_suffix(".safetensors"), layer)
     return results

@@ -51,11 +51,11 @@ def read_documents(path: str | Path) -> list[str]:
     """Texts of a document set: every ``*.txt`` of a directory (sorted), or the ``text`` field of each JSONL line."""
     path = Path(path)
     if path.is_dir():
-        return [f.read_text(encoding="utf-8") for f in sorted(path.glob("*.txt"))]
+        return [_read(f) for f in sorted(path.glob("*.txt"))]
     if not path.is_file():
         raise InputError(f"'{path}' does not exist: pass a directory of .txt files or a .jsonl file")
     texts = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(_read(path).splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -136,3 +136,6 @@ def _read(path: Path) -> str:
         return path.read_text(encoding="utf-8")
     except OSError as err:
         raise InputError(f"cannot read '{path}': {err.strerror}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"'{path}' is not UTF-8 text ({err.reason} at byte {err.start}); expected a UTF-8 text "
+                         "file. Convert it first (e.g. iconv -f latin1 -t utf-8).") from None

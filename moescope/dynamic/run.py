@@ -15,6 +15,7 @@ from ..arch.adapter import MoEModel, open_model
 from ..errors import ConfigError, OptionsError
 from ..results import Results, RunWriter, config_hash, load_results
 from ..static.run import check_dense_model
+from ..validate import check_finite_states, first_nonfinite_layer, output_health
 from .experts import activation, layer_members, member_outputs
 from .forward import LayerTrace, forward_pass
 from .inputs import Document, documents_hash, encode_documents
@@ -117,6 +118,7 @@ def analyse_layer(model: MoEModel, layer: int, trace: LayerTrace, opts: TraceOpt
                   dense: MoEModel | None = None, dense_trace: LayerTrace | None = None,
                   device: str = "cpu") -> tuple[dict, dict]:
     """Every member's output on the captured inputs, and the analyses of one layer: (tables, tensors)."""
+    check_finite_states(trace.inputs, layer)
     members = layer_members(model, layer, dense, device)
     labels = [m.label for m in members]
     E, T = model.num_experts, trace.inputs.shape[0]
@@ -143,11 +145,16 @@ def analyse_layer(model: MoEModel, layer: int, trace: LayerTrace, opts: TraceOpt
     rebuilt = reconstruct(model, layer, outputs, weights, indices, trace.inputs)
     error = float((rebuilt - trace.output).norm() / trace.output.norm().clamp_min(1e-30))
     sim, rank, inter = similarity.finalize(), ranks.finalize(), summary.finalize()
+    health = output_health(outputs, labels)   # a member whose output is zero or non-finite has no cosine
+    health.warn(f"layer {layer}")
+    sim = {k: health.mask(v) for k, v in sim.items()}
     routed_sim = sim["output_similarity"][:E, :E]
     off_diagonal = routed_sim[~torch.eye(E, dtype=torch.bool)]
+    off_diagonal = off_diagonal[~off_diagonal.isnan()]
     tables = {"members": labels, "widths": [m.width for m in members], "tokens": T,
               "scoring": model.routing.scoring, "top_k": model.routing.top_k,
-              "mean_routed_angular_similarity": float(off_diagonal.mean()) if E > 1 else None,
+              "mean_routed_angular_similarity": float(off_diagonal.mean()) if off_diagonal.numel() else None,
+              **health.table(),
               "reconstruction_error": error,
               **{k: v for k, v in rank.items() if k != "rank_counts"},
               "intermediate_near_zero_fraction": inter["near_zero_fraction"],
@@ -200,27 +207,33 @@ def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = 
     writer.write_json("inputs", _inputs_table(tokenizer, documents))
     todo = [l for l in layers if not writer.done(l)]
     if todo:
-        _trace_layers(model, dense_model, todo, documents, opts, device, compute, writer,
+        _trace_layers(model, dense_model, layers, todo, documents, opts, device, compute, writer,
                       pad_id=tokenizer.pad_token_id or 0, progress=progress)
     results = load_results(writer.out)
     results.summary = writer.write_summary(_summary(results, model, documents))
     return results
 
 
-def _trace_layers(model: MoEModel, dense_model: MoEModel | None, layers: list[int], documents: list[Document],
-                  opts: TraceOptions, device: str, compute: str, writer: RunWriter, pad_id: int,
-                  progress: bool) -> None:
+def _trace_layers(model: MoEModel, dense_model: MoEModel | None, layers: list[int], todo: list[int],
+                  documents: list[Document], opts: TraceOptions, device: str, compute: str, writer: RunWriter,
+                  pad_id: int, progress: bool) -> None:
+    """Analyse the ``todo`` layers (the cross-layer statistics need the routing of every traced layer)."""
     dtype = resolve_dtype(opts.dtype, device)
-    traces = _forward(model, layers, documents, opts, device, dtype, pad_id, True, progress)
+    offsets = np.cumsum([0] + [len(d.ids) for d in documents]).tolist()
+    captured = layers if opts.stats else todo
+    traces = _forward(model, captured, documents, opts, device, dtype, pad_id, True, progress)
+    poisoned = first_nonfinite_layer({l: t.inputs for l, t in traces.items()})
+    poisoned_inputs = None if poisoned is None else traces[poisoned].inputs
+    clean = [l for l in captured if poisoned is None or l < poisoned]  # analyse these, then report the poisoned
+    cross = cross_layer_stats({l: routing_of(model, traces[l])[1:] for l in clean}, offsets,
+                              model.num_experts, opts) if opts.stats else {}
+    layers = [l for l in todo if l in clean]
     dense_traces = None if dense_model is None else \
         _forward(dense_model, layers, documents, opts, device, dtype, pad_id, False, progress)
     keep = set(opts.intermediate_layers if opts.intermediate_layers is not None
                else default_intermediate_layers(model.moe_layers))
     tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-    offsets = np.cumsum([0] + [len(d.ids) for d in documents]).tolist()
     token_ids = [i for d in documents for i in d.ids]
-    cross = cross_layer_stats({l: routing_of(model, traces[l])[1:] for l in layers}, offsets,
-                              model.num_experts, opts) if opts.stats else {}
     for layer in tqdm(layers, desc="experts", unit="layer", disable=not progress):
         trace = traces.pop(layer)
         tables, tensors = analyse_layer(model, layer, trace, opts, layer in keep, dense_model,
@@ -235,6 +248,8 @@ def _trace_layers(model: MoEModel, dense_model: MoEModel | None, layers: list[in
                           f"relative error of {tables['reconstruction_error']:.2g}; the family description may "
                           "not match this model's expert computation", stacklevel=2)
         writer.write_layer(layer, tables, tensors)
+    if poisoned is not None:
+        check_finite_states(poisoned_inputs, poisoned)
 
 
 def _forward(model: MoEModel, layers: list[int], documents: list[Document], opts: TraceOptions, device: str,

@@ -50,7 +50,8 @@ class _Renderer:
 
 
 def render_static(results: Any, out_dir: str | Path, *, formats: Sequence[str] = ("png", "svg"),
-                  kinds: Sequence[str] = STATIC_KINDS, max_points: int = 20000) -> list[Record]:
+                  kinds: Sequence[str] = STATIC_KINDS, max_points: int = 20000,
+                  pca_dims: Sequence[int] = (2, 3)) -> list[Record]:
     """Every static figure of a ``moescope weights`` run: similarity grids per matrix and kind, gate-regression
     scatters and R² by layer, matrix- and neuron-level PCA in 2-D (and 3-D when 3 components were saved).
     Dense layers of the checkpoint (no experts) are named in a footnote."""
@@ -85,7 +86,7 @@ def render_static(results: Any, out_dir: str | Path, *, formats: Sequence[str] =
             members = [_pca_members(results, l, m, level) for l in layers]
             evr = [results[f"layer{l}.{m}.pca_{level}_evr"] for l in layers]
             coords, members = _subsample(coords, members, max_points)
-            for dims in (2, 3):
+            for dims in pca_dims:
                 if min(to_numpy(c).shape[1] for c in coords) >= dims:
                     render(f"pca_{m}_{level}_{dims}d", lambda: pca_grid(
                         coords, members, layers, matrix=m, level=f"{level}-level", dims=dims, evr=evr))
@@ -141,7 +142,8 @@ def top1_matrix(results: Any, layers: Sequence[int]) -> np.ndarray:
 
 def render_dynamic(results: Any, out_dir: str | Path, *, formats: Sequence[str] = ("png", "svg"),
                    detail_layers: Sequence[int] | None = None, compare: Any = None,
-                   names: tuple[str, str] = ("run", "compare"), max_map_tokens: int = 128) -> list[Record]:
+                   names: tuple[str, str] = ("run", "compare"), max_map_tokens: int = 128,
+                   token_grids: bool = True) -> list[Record]:
     """Every dynamic figure of a trace run. Per layer in ``detail_layers`` (default all): per-token output
     similarity, norm vs score bars, intermediate states (where saved). Across layers: similarity by depth,
     the norm-rank table, the chosen-experts map, and with ``compare`` (another run over the same tokens) the
@@ -153,7 +155,7 @@ def render_dynamic(results: Any, out_dir: str | Path, *, formats: Sequence[str] 
     tokens = _tokens(results, layers[0])
     members = {l: list(_get(results, f"layer{l}.members", [])) for l in layers}
     for l in layers if detail_layers is None else [l for l in layers if l in set(detail_layers)]:
-        sim = _get(results, f"layer{l}.token_similarity")
+        sim = _get(results, f"layer{l}.token_similarity") if token_grids else None
         if sim is not None:
             render(f"token_similarity_layer{l}", lambda: token_similarity_grid(sim, members[l], tokens, layer=l))
         norms, scores = _get(results, f"layer{l}.expert_norms"), _get(results, f"layer{l}.router_scores")

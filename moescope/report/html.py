@@ -630,9 +630,9 @@ class _Builder:
     """Builds the sections of one report into HTML; figures go to ``tmp`` first and are inlined."""
 
     def __init__(self, weights: Results | None, trace: Results | None, summary: dict, tmp: Path,
-                 detail_layers: Sequence[int] | None, static_grids: bool, quiet: bool):
+                 detail_layers: Sequence[int] | None, static_grids: bool, quiet: bool, quick_figures: bool = False):
         self.w, self.t, self.summary, self.tmp = weights, trace, summary, tmp
-        self.quiet, self.static_grids = quiet, static_grids
+        self.quiet, self.static_grids, self.quick_figures = quiet, static_grids, quick_figures
         self.hm = HeatmapSet()
         self.notes: list[str] = []
         if trace is not None:
@@ -646,7 +646,9 @@ class _Builder:
     def static_figures(self) -> dict[str, list]:
         from .figures import render_static
 
-        kw = {"formats": ("png",)} if self.static_grids else {"formats": ("png",), "kinds": ()}
+        kw = {"formats": ("png",), "pca_dims": (2,) if self.quick_figures else (2, 3)}
+        if not self.static_grids:
+            kw["kinds"] = ()
         records = render_safely("the static figures", lambda: render_static(
             self.w, self.tmp / "static", **_supported(render_static, kw)), self.notes, self.quiet)
         return _group(records, {"similarity_": "static-similarity", "gate_regression": "gate-regression",
@@ -655,7 +657,7 @@ class _Builder:
     def dynamic_figures(self) -> dict[str, list]:
         from .figures import render_dynamic
 
-        kw = {"formats": ("png",), "detail_layers": self.detail}
+        kw = {"formats": ("png",), "detail_layers": self.detail, "token_grids": False}  # the widget shows them
         records = render_safely("the trace figures", lambda: render_dynamic(
             self.t, self.tmp / "dynamic", **_supported(render_dynamic, kw)), self.notes, self.quiet)
         return _group(records, {"token_similarity": "output-similarity", "output_similarity": "output-similarity",
@@ -1052,14 +1054,14 @@ def _out_file(out: str | Path | None, first_run: Path) -> Path:
 
 
 def report(run_dirs: Sequence[str | Path] | str | Path, out: str | Path | None = None, *, quiet: bool = True,
-           detail_layers: Sequence[int] | None = None, static_grids: bool = False) -> Path:
+           detail_layers: Sequence[int] | None = None, static_grids: bool = False, quick: bool = False) -> Path:
     """Write one self-contained ``index.html`` (and ``summary.json`` beside it) for one weights run, one trace
     run, or one of each of the same model; return the HTML path.
 
     ``out``: an ``.html`` file or a directory (default ``<first run>/report/index.html``). ``quiet=False``
     prints progress to stderr. ``detail_layers``: layers that get per-layer trace figures (default: the layers
     whose intermediate states were kept, else first/middle/last). ``static_grids``: also embed the static
-    similarity grids as images (the interactive heatmaps show the same numbers)."""
+    similarity grids as images (the interactive heatmaps show the same numbers). ``quick``: 2-D PCA only."""
     if isinstance(run_dirs, (str, Path, Results)):
         run_dirs = [run_dirs]
     weights, trace = load_runs(run_dirs)
@@ -1067,7 +1069,7 @@ def report(run_dirs: Sequence[str | Path] | str | Path, out: str | Path | None =
     target = _out_file(out, Path(first))
     summary = headline(weights, trace)
     with tempfile.TemporaryDirectory(prefix="moescope-report-") as tmp:
-        b = _Builder(weights, trace, summary, Path(tmp), detail_layers, static_grids, quiet)
+        b = _Builder(weights, trace, summary, Path(tmp), detail_layers, static_grids, quiet, quick)
         present, omitted = _sections(weights, trace, summary)
         body = []
         if weights is not None:

@@ -14,6 +14,7 @@ from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
 from ..errors import ConfigError, OptionsError
 from ..results import RunWriter, config_hash, load_results, Results
+from ..validate import MemberHealth, scan_layer
 from .regression import gate_embedding_similarity, similarity_regression
 from .reorder import reorder_pair
 from .stream import MemberCache, stream_layer, streamed_neuron_pca
@@ -154,22 +155,53 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
         if dense_model is not None:
             dense_matrix = dense_model.dense_ffn(layer, m).to(device)
             labels, widths = labels + ["F"], widths + [dense_model.dense_width]
-        t, x = _matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
+        health, t, x = _checked_matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
+        keep = health.keep
+        kept_labels, kept_widths = [labels[i] for i in keep], [widths[i] for i in keep]
         E = model.num_experts
-        t["gate_regression"] = {kind: _regression(x[key][:E, :E], router_sim.cpu()) for kind, key in
+        routed = [j for j, i in enumerate(keep) if i < E]          # kept routed experts, as positions in keep
+        experts = torch.tensor([i for i in keep if i < E], dtype=torch.long)
+        router_kept = router_sim.cpu()[experts[:, None], experts[None, :]]
+        t["gate_regression"] = {kind: _regression(x[key][routed][:, routed], router_kept) for kind, key in
                                 (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
         if opts.neuron_level:
-            load = _member_loader(model, layer, m, labels, widths, dense_matrix, device)
-            t2, x2 = _neuron_level(labels, load, x["matrix_similarity"], m, opts, dtype)
+            load = _member_loader(model, layer, m, kept_labels, kept_widths, dense_matrix, device)
+            t2, x2 = _neuron_level(kept_labels, load, x["matrix_similarity"], m, opts, dtype)
             t.update(t2)
             x.update(x2)
-        t["pca_neuron_members"] = dict(zip(labels, widths))
+        for key in ("matrix_similarity", "neuron_avg_similarity", "reordered_matrix_similarity",
+                    "matched_neuron_similarity", "kendall_tau"):
+            if key in x:
+                x[key] = health.expand(x[key])
+        t.update(health.table())
+        t["pca_neuron_members"] = dict(zip(kept_labels, kept_widths))
         tables.update(labels=labels, widths=widths)
         tables[m] = t
         tensors.update({f"{m}.{k}": v.detach().cpu() for k, v in x.items()})
         if on_matrix is not None:
             on_matrix(layer, m)
     return tables, tensors
+
+
+def _checked_matrix_level(model: MoEModel, layer: int, matrix: str, labels: list[str], widths: list[int],
+                          dense_matrix: torch.Tensor | None, opts: WeightsOptions,
+                          device) -> tuple[MemberHealth, dict, dict]:
+    """The matrix-level pass, plus which members take part. Only when the pass shows a problem (a member's
+    self-similarity is not 1: non-finite or all-zero weights) is the layer scanned; such members are then
+    reported with a warning and left out, and the pass is redone without them."""
+    try:
+        t, x = _matrix_level(model, layer, matrix, labels, widths, dense_matrix, opts, device)
+        diagonal = x["matrix_similarity"].diagonal()
+        if bool(((diagonal - 1).abs() < 1e-6).all()):
+            return MemberHealth(list(labels)), t, x
+    except (RuntimeError, ValueError):  # non-finite values break the PCA eigendecomposition (torch or numpy)
+        pass
+    health = scan_layer(model, layer, matrix, labels, widths, dense_matrix, budget_bytes=opts.memory_budget)
+    health.warn(f"layer {layer} {matrix}")
+    keep = health.keep
+    t, x = _matrix_level(model, layer, matrix, [labels[i] for i in keep], [widths[i] for i in keep],
+                         dense_matrix, opts, device)
+    return health, t, x
 
 
 def _layer_task(job: tuple) -> int:
@@ -205,7 +237,10 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     """
     opts = options or WeightsOptions()
     model = open_model(path)
+    model.check()
     dense_model = open_model(dense) if dense is not None else None
+    if dense_model is not None:
+        dense_model.check()
     layers = model.moe_layers if opts.layers is None else opts.layers
     bad = [l for l in layers if l not in model.moe_layers]
     if bad:
@@ -230,11 +265,10 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
                           disable=not progress):
                 pass
     else:
-        bar = tqdm(total=len(todo) * len(opts.matrices), desc="weights", unit="matrix", disable=not progress)
-        for layer in todo:
-            bar.set_postfix(layer=layer)
-            writer.write_layer(layer, *analyse_layer(model, dense_model, layer, opts, lambda l, m: bar.update()))
-        bar.close()
+        with tqdm(total=len(todo) * len(opts.matrices), desc="weights", unit="matrix", disable=not progress) as bar:
+            for layer in todo:
+                bar.set_postfix(layer=layer)
+                writer.write_layer(layer, *analyse_layer(model, dense_model, layer, opts, lambda l, m: bar.update()))
     results = load_results(writer.out)
     results.summary = writer.write_summary(_summary(results, model, opts))
     return results
