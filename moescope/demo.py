@@ -7,9 +7,14 @@ bundled long text, and its report; then Mixtral base vs instruct on the study's 
 from __future__ import annotations
 
 import html
+import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
 
 from . import zoo
 from .dynamic.inputs import select_input
@@ -30,6 +35,7 @@ class DemoModel:
 
 DEMO_MODELS = (DemoModel("mixtral-tiny", dense="mistral-tiny"), DemoModel("deepseek-tiny"), DemoModel("grok1-tiny"))
 BASE_VS_INSTRUCT = ("mixtral-tiny", "mixtral-tiny-instruct")
+DEMO_PAIRS = "top:12"   # neuron matching for the 12 most similar member pairs per matrix (all pairs: --pairs all)
 
 
 @dataclass
@@ -45,7 +51,7 @@ def _model_page(model: DemoModel, out: Path, texts: list[str], source: str, prog
     path = zoo.model_path(model.name)
     dense = zoo.model_path(model.dense) if model.dense else None
     runs = out / "runs" / model.name
-    w = weights(path, dense=dense, out=runs / "weights", options=WeightsOptions(), progress=progress)
+    w = weights(path, dense=dense, out=runs / "weights", options=WeightsOptions(pairs=DEMO_PAIRS), progress=progress)
     t = trace(path, texts, dense=dense, out=runs / "trace", options=TraceOptions(bootstrap=200), source=source,
               progress=progress)
     page = report([w.path, t.path], out / model.name / "index.html", detail_layers=t.layers[-1:], quick=True)
@@ -84,14 +90,32 @@ def _compare_page(out: Path, progress: bool) -> DemoPage:
     return DemoPage("Mixtral base vs instruct on the study's chat prompt", page, findings)
 
 
-def demo(out: str | Path = "moescope-demo", progress: bool = True,
-         models: tuple[DemoModel, ...] = DEMO_MODELS) -> tuple[Path, list[DemoPage]]:
-    """Run the demo into ``out``; return the index page and the pages it links."""
+def _task(job: tuple) -> DemoPage:
+    """One page of the demo, in a worker process (threads split between the workers)."""
+    kind, model, out, progress, threads = job
+    torch.set_num_threads(threads)
+    if kind == "compare":
+        return _compare_page(out, progress)
+    texts, source = select_input()
+    return _model_page(model, out, texts, source, progress)
+
+
+def demo(out: str | Path = "moescope-demo", progress: bool = True, models: tuple[DemoModel, ...] = DEMO_MODELS,
+         workers: int | None = None) -> tuple[Path, list[DemoPage]]:
+    """Run the demo into ``out`` (pages in parallel processes, one per core by default); return the index page
+    and the pages it links."""
     out = Path(out)
     start = time.perf_counter()
-    texts, source = select_input()
-    pages = [_model_page(m, out, texts, source, progress) for m in models]
-    pages.append(_compare_page(out, progress))
+    workers = workers or min(os.cpu_count() or 1, len(models) + 1)
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    jobs = [("model", m, out, progress and workers == 1, threads) for m in models] + \
+        [("compare", None, out, progress and workers == 1, threads)]
+    if workers == 1:
+        pages = [_task(job) for job in jobs]
+    else:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            pages = list(tqdm(pool.imap(_task, jobs), total=len(jobs), desc="demo", unit="page",
+                              disable=not progress))
     index = out / "index.html"
     atomic_write_bytes(index, _index_html(pages, time.perf_counter() - start).encode())
     return index, pages

@@ -48,12 +48,17 @@ def load_model(model: MoEModel, device: str = "cpu", dtype: torch.dtype = torch.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # moescope checks the load itself (below) and says what is wrong
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            net, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, TypeError) as err:
-        raise ConfigError(f"{cls.__name__} could not load '{path}': {err}") from None
+            net, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, trust_remote_code=False,
+                                            **kwargs)
+    except Exception as err:  # transformers raises many kinds; each is a checkpoint it cannot load
+        raise ConfigError(f"{cls.__name__} could not load '{path}': {type(err).__name__}: {err}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
@@ -75,7 +80,7 @@ def load_tokenizer(model: MoEModel):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return AutoTokenizer.from_pretrained(str(path))
+            return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise MoescopeError(f"'{path}' has no usable tokenizer ({err}). moescope trace needs the tokenizer "
                             "files (tokenizer.json or tokenizer.model + tokenizer_config.json) next to the weights."
