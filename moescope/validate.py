@@ -17,30 +17,21 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from .config_keys import MISSING, lookup
 from .errors import ConfigError, NonFiniteWeightsError, NonFiniteWeightsWarning
 
 # -- config.json ------------------------------------------------------------------------------------------------
 
 _FIX = "Fix config.json, or use the one that came with the weights."
-_MISSING = object()
-
-
-def _lookup(config: Mapping, dotted: str) -> Any:
-    value: Any = config
-    for part in dotted.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 def _first(config: Mapping, aliases: Sequence[str]) -> tuple[str, Any]:
-    """The first alias present with a non-null value (the adapter's rule), or ``(aliases[0], _MISSING)``."""
+    """The first alias present with a non-null value (the adapter's rule), or ``(aliases[0], MISSING)``."""
     for alias in aliases:
-        value = _lookup(config, alias)
-        if value is not _MISSING and value is not None:
+        value = lookup(config, alias)
+        if value is not MISSING and value is not None:
             return alias, value
-    return aliases[0], _MISSING
+    return aliases[0], MISSING
 
 
 def _is_int(value: Any) -> bool:
@@ -84,7 +75,7 @@ def check_config(config: Mapping[str, Any], source: str | Path = "config.json") 
     found: dict[str, tuple[str, int]] = {}
     for canonical, (low, high) in _SIZES.items():
         key, value = _first(config, CONFIG_KEY_ALIASES[canonical])
-        if value is _MISSING:
+        if value is MISSING:
             continue
         if not _is_int(value) or not low <= value <= high:
             raise bad(key, value, f"an integer from {low} to {high}")

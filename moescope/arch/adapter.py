@@ -19,17 +19,8 @@ from .expr import ExpressionError, evaluate
 from .quant import FP8_DTYPES, dequantize_fp8_blocks, dequantize_mxfp4
 from .registry import detect_family, get_family
 from .spec import MATRICES, Family, TensorSource
+from ..config_keys import MISSING, lookup
 
-_MISSING = object()
-
-
-def _lookup(config: Mapping, path: str) -> Any:
-    value: Any = config
-    for part in path.split("."):
-        if not isinstance(value, Mapping) or part not in value:
-            return _MISSING
-        value = value[part]
-    return value
 
 
 @dataclass(frozen=True)
@@ -67,8 +58,8 @@ class MoEModel:
         ns: dict[str, Any] = {**self.family.defaults, **self.config}
         for canonical, aliases in self.family.config_keys.items():
             for alias in aliases:
-                value = _lookup(self.config, alias)
-                if value is not _MISSING and value is not None:
+                value = lookup(self.config, alias)
+                if value is not MISSING and value is not None:
                     ns[canonical] = value
                     break
         for key in ("hidden_size", "num_layers"):

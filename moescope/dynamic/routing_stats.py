@@ -301,8 +301,8 @@ class ExpertLoad(RoutingAccumulator):
 
 
 # ---------------------------------------------------------------- 2. router entropy
-class RouterEntropy(RoutingAccumulator):
-    """Mean per-token entropy of the normalised router scores and of the renormalised top-k weights; confidence."""
+class _ExpertsTopK(RoutingAccumulator):
+    """An accumulator configured by the number of experts and k alone."""
 
     def __init__(self, num_experts: int, top_k: int) -> None:
         super().__init__()
@@ -311,6 +311,10 @@ class RouterEntropy(RoutingAccumulator):
 
     def _config(self) -> dict[str, Any]:
         return {"num_experts": self.num_experts, "top_k": self.top_k}
+
+
+class RouterEntropy(_ExpertsTopK):
+    """Mean per-token entropy of the normalised router scores and of the renormalised top-k weights; confidence."""
 
     def _layout(self) -> dict[str, tuple[int, ...]]:
         return {"n": (1,), "entropy": (1,), "topk_entropy": (1,), "margin": (1,)}
@@ -432,16 +436,8 @@ def independent_pair_probabilities(load: Any, top_k: int) -> np.ndarray:
     return pair
 
 
-class CoActivation(RoutingAccumulator):
+class CoActivation(_ExpertsTopK):
     """E×E counts of expert pairs chosen for the same token; lift and PMI against independent routing."""
-
-    def __init__(self, num_experts: int, top_k: int) -> None:
-        super().__init__()
-        self.num_experts = _positive_int(num_experts, "num_experts", 2)
-        self.top_k = _positive_int(top_k, "top_k")
-
-    def _config(self) -> dict[str, Any]:
-        return {"num_experts": self.num_experts, "top_k": self.top_k}
 
     def update(self, indices: Any) -> None:
         """Add one document: ``indices`` [T, k] chosen experts."""

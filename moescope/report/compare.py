@@ -20,7 +20,7 @@ from .._version import __version__
 from ..errors import MoescopeError
 from ..results import Results
 from . import style
-from .html import (HeatmapSet, _as_results, _esc, _get, _mean, _write, card, embed_image, fmt, json_safe, page,
+from .html import (HeatmapSet, read_json_beside, _as_results, _esc, _get, _mean, _write, card, embed_image, fmt, json_safe, page,
                    render_safely, save, section, table)
 from .style import to_numpy
 
@@ -492,9 +492,4 @@ def compare(run_a: Any, run_b: Any, out: str | Path | None = None, *, names: Seq
 
 def read_compare(path: str | Path) -> dict:
     """``compare.json`` of a comparison (give its HTML file, its directory or the JSON itself)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "compare.json"
-    elif path.suffix.lower() in (".html", ".htm"):
-        path = path.with_name("compare.json")
-    return json.loads(path.read_text())
+    return read_json_beside(path, "compare.json")

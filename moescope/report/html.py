@@ -1145,11 +1145,16 @@ def _write(path: Path, text: str) -> None:
     os.chmod(path, 0o666 & ~umask)     # a page to share: readable like any file written with open()
 
 
-def read_summary(path: str | Path) -> dict:
-    """``summary.json`` of a report (give the report's HTML file, its directory or the JSON itself)."""
+def read_json_beside(path: str | Path, name: str) -> dict:
+    """The JSON file ``name`` of a page (give the page's HTML file, its directory or the JSON itself)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "summary.json"
+        path = path / name
     elif path.suffix.lower() in (".html", ".htm"):
-        path = path.with_name("summary.json")
+        path = path.with_name(name)
     return json.loads(path.read_text())
+
+
+def read_summary(path: str | Path) -> dict:
+    """``summary.json`` of a report (give the report's HTML file, its directory or the JSON itself)."""
+    return read_json_beside(path, "summary.json")
