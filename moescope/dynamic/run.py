@@ -241,7 +241,10 @@ def _trace_layers(model: MoEModel, dense_model: MoEModel | None, layers: list[in
         if opts.stats:
             stats, stat_tensors = layer_routing_stats(model, tensors["chosen_weights"], tensors["chosen_experts"],
                                                       tensors["router_scores"], token_ids, offsets, opts)
-            tables["stats"] = {**stats, "cross_layer": cross.get(layer)}
+            shared = [l for l in tables["members"] if l.startswith("shared")]
+            tables["stats"] = {**stats, "cross_layer": cross.get(layer),
+                               "shared_experts": {"members": shared, "load": [1.0] * len(shared),
+                                                  "note": "shared experts process every token (not routed)"}}
             tensors.update(stat_tensors)
         if tables["reconstruction_error"] > tolerance:
             warnings.warn(f"layer {layer}: the recomputed experts rebuild the model's MoE output only to a "
