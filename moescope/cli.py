@@ -61,10 +61,9 @@ def _cmd_weights(args: argparse.Namespace) -> None:
 
 
 def _cmd_trace(args: argparse.Namespace) -> None:
-    from .dynamic.inputs import select_input
     from .dynamic.run import TraceOptions, trace
 
-    texts, source = select_input(args.prompt, args.builtin, args.text, args.wikitext, args.documents)
+    texts, source = _input_texts(args)
     options = TraceOptions(layers=None if args.layers in (None, "all") else _parse_layers(args.layers),
                            max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device, stats=not args.no_stats, bootstrap=args.bootstrap)
@@ -117,6 +116,52 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         for line in page.findings:
             print(f"  - {line}")
     print(f"report: {index}")
+
+
+def _input_texts(args: argparse.Namespace) -> tuple[list[str], str]:
+    from .dynamic.inputs import select_input
+
+    return select_input(args.prompt, args.builtin, args.text, args.wikitext, args.documents)
+
+
+def _add_input_options(p: argparse.ArgumentParser, default: str) -> None:
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--prompt", help="one text")
+    source.add_argument("--builtin", choices=["short", "chat", "long"],
+                        help=f"the study's short or chat-style prompt, or the bundled long text ({default})")
+    source.add_argument("--text", help="a text file; each blank-line separated paragraph is a document")
+    source.add_argument("--wikitext", help="a WikiText file: its first 10 non-empty, non-heading lines "
+                                           "(the study's long input)")
+    source.add_argument("--documents", help="a directory of .txt files or a .jsonl file with a 'text' field")
+
+
+def _cmd_compress(args: argparse.Namespace) -> None:
+    from .compress import compress, format_summary, parse_amount
+
+    texts, _ = _input_texts(args)
+    amount = {"prune": parse_amount(args.prune)} if args.prune else {"merge": parse_amount(args.merge)}
+    record = compress(args.path, args.out, **amount, strategy=args.strategy, per_layer=not args.same_experts,
+                      calibration_texts=texts, max_tokens=args.max_tokens, device=args.device,
+                      overwrite=args.overwrite, dry_run=args.dry_run, progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(record, indent=2, default=str))
+    elif not args.quiet:
+        print(format_summary(record))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from . import data
+    from .compress import evaluate
+
+    chosen = any(getattr(args, k) is not None for k in ("prompt", "builtin", "text", "wikitext", "documents"))
+    texts = _input_texts(args)[0] if chosen else [d.text for d in data.documents("validation")]  # held out
+    result = evaluate(args.path, texts, max_tokens=args.max_tokens, device=args.device,
+                      progress=not (args.quiet or args.json))
+    if args.json:
+        print(json.dumps(result, indent=2))
+    elif not args.quiet:
+        print(f"perplexity {result['perplexity']:.2f} (loss {result['loss']:.4f} nats) on {result['tokens']} tokens "
+              f"in {result['documents']} document(s)")
 
 
 def _cmd_zoo(args: argparse.Namespace) -> None:
@@ -193,14 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("trace", help="dynamic analyses from one forward pass: expert outputs, norms vs router "
                                       "scores, intermediate states, chosen experts")
     p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
-    source = p.add_mutually_exclusive_group()
-    source.add_argument("--prompt", help="one text to trace")
-    source.add_argument("--builtin", choices=["short", "chat", "long"],
-                        help="the study's short or chat-style prompt, or the bundled long text (the default)")
-    source.add_argument("--text", help="a text file; each blank-line separated paragraph is a document")
-    source.add_argument("--wikitext", help="a WikiText file: its first 10 non-empty, non-heading lines "
-                                           "(the study's long input)")
-    source.add_argument("--documents", help="a directory of .txt files or a .jsonl file with a 'text' field")
+    _add_input_options(p, "the default")
     p.add_argument("--dense", help="a dense model with the same tokenizer whose FFN output joins as member 'F'")
     p.add_argument("--layers", default="all", help="'all' (default) or a list like 0,3,8-11")
     p.add_argument("--max-tokens", type=int, default=2048, help="cap on tokens over all documents")
@@ -237,6 +275,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="moescope-demo", help="output directory (default: ./moescope-demo)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("compress", help="prune or merge experts, scored on calibration text; writes a checkpoint "
+                                         "in the same family layout + compression.json")
+    p.add_argument("path")
+    p.add_argument("out", nargs="?", help="output checkpoint directory (optional with --dry-run)")
+    amount = p.add_mutually_exclusive_group(required=True)
+    amount.add_argument("--prune", help="experts to remove per MoE layer: N or P%%")
+    amount.add_argument("--merge", help="experts to merge away per MoE layer: N or P%%")
+    p.add_argument("--strategy", help="prune: loss (default) | frequency | weighted_norm | random; "
+                                      "merge: similarity (default) | output | random")
+    p.add_argument("--same-experts", action="store_true", help="remove/merge the same experts in every layer")
+    _add_input_options(p, "the default calibration text")
+    p.add_argument("--max-tokens", type=int, default=2048)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--dry-run", action="store_true", help="score and plan, write nothing")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_compress)
+
+    p = sub.add_parser("evaluate", help="perplexity on text (e.g. before and after compress)")
+    p.add_argument("path")
+    _add_input_options(p, "default: the bundled corpus's validation split")
+    p.add_argument("--max-tokens", type=int, default=4096)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("zoo", help="the tiny trained models shipped with moescope: list them, or print one's path")
     p.add_argument("action", choices=["list", "path"])
