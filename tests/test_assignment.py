@@ -181,7 +181,7 @@ def test_minimize_and_input_types():
 @NEEDS_NUMBA
 def test_torch_input_sparse_path():
     c = matrix("cosine", 300, 420, seed=9)
-    res = linear_assignment(torch.from_numpy(c).T)  # non-contiguous, n > m
+    res = linear_assignment(torch.from_numpy(c).T, method="sparse")  # non-contiguous, n > m
     check_valid(res, 420, 300)
     check_optimal(c.T, res)
     assert res.solver == "sparse-certified"
@@ -268,7 +268,7 @@ def test_falls_back_to_scipy_when_the_jit_fails(monkeypatch):
         raise TypingError("simulated compilation failure")
 
     monkeypatch.setattr(A, "_sparse_certified", broken)
-    c = matrix("uniform", 250, 250, seed=8)
+    c = matrix("uniform", 600, 600, seed=8)
     with pytest.warns(UserWarning, match="numba kernels failed"):
         res = linear_assignment(c)
     assert res.solver == "scipy" and not A.compiled_available()

@@ -24,7 +24,7 @@ __all__ = ["Assignment", "AssignmentInputError", "compiled_available", "linear_a
 
 _BIG_INDEX = np.iinfo(np.int32).max
 _METHODS = ("auto", "sparse", "scipy")
-_SMALL = 200 * 200  # below this many entries "auto" just calls scipy (faster there)
+_SMALL = 512 * 512  # below this many entries "auto" just calls scipy (fast there, and no JIT compile)
 _ROW_K = 16  # candidates per row
 _COL_K = 4  # candidates per column (keeps every column reachable)
 _MAX_ROUNDS = 12  # certification rounds before falling back to scipy
