@@ -3,11 +3,29 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
 from ..arch.adapter import MoEModel
 from ..errors import ConfigError, CorruptCheckpointError, MoescopeError
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' loading chatter (moescope checks the load itself and says what is wrong)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def model_class(model: MoEModel):
@@ -45,20 +63,12 @@ def load_model(model: MoEModel, device: str = "cpu", dtype: torch.dtype = torch.
     cls = model_class(model)
     kwargs = {"device_map": "auto"} if device == "map" else {}
     path = str(model.checkpoint.path)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # moescope checks the load itself (below) and says what is wrong
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_transformers():
             net, info = cls.from_pretrained(path, dtype=dtype, output_loading_info=True, trust_remote_code=False,
                                             **kwargs)
     except Exception as err:  # transformers raises many kinds; each is a checkpoint it cannot load
         raise ConfigError(f"{cls.__name__} could not load '{path}': {type(err).__name__}: {err}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
     missing = sorted(info.get("missing_keys") or [])
     mismatched = info.get("mismatched_keys") or []
     if missing or mismatched:
@@ -78,8 +88,7 @@ def load_tokenizer(model: MoEModel):
 
     path = model.checkpoint.path
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_transformers():
             return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as err:
         raise MoescopeError(f"'{path}' has no usable tokenizer ({err}). moescope trace needs the tokenizer "
