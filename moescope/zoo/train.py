@@ -1,7 +1,7 @@
 """Train the zoo: tiny causal LMs of the study's families on the shipped corpus, saved in their real layouts.
 
     python -m moescope.zoo.train --out moescope/zoo/models --threads 1    # what ships (~17 CPU-minutes)
-    python -m moescope.zoo.train --out /tmp/zoo --steps 5 --only mixtral-tiny   # + its parent mistral-tiny
+    python -m moescope.zoo.train --out ./zoo-build --steps 5 --only mixtral-tiny   # + its parent mistral-tiny
 
 ``--threads`` defaults to 2 (the cores of the reference machine); the shipped models were trained with one thread
 per process, two processes side by side (see ``models/README.md``), because two threads stall each other badly
