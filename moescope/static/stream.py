@@ -4,13 +4,25 @@ Cosines of flattened matrices, neuron-averaged vectors and the standardised Gram
 PCA are all sums over rows, so they accumulate chunk by chunk (in float64) and never need a whole layer, or
 even a whole member, in memory. Neuron-level work holds a few members at a time (``MemberCache``), and
 neuron-level PCA accumulates its hidden x hidden covariance member by member.
+
+On the CPU the matrix-level pass runs compiled kernels (``_stream_kernels``, numba) on the readers' tensors as
+they come (often views of the mmap-ed checkpoint: no copy, no float32 or float64 copy of a chunk), on all of
+torch's threads, while a read-ahead thread brings the next chunk's pages in from disk. On a GPU, or where numba
+is missing or fails, torch computes the same sums in float64 blocks.
 """
 from __future__ import annotations
 
+import ctypes
+import mmap
+import os
+import sys
+import threading
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from .pca import leading_eigen, sign_of_largest
@@ -36,6 +48,354 @@ def chunk_rows(total: int, row_bytes: int, budget_bytes: int, align: int = 128) 
         rows -= rows % align
     return [(s, min(s + rows, total)) for s in range(0, total, rows)]
 
+
+def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis: int, *, k: int = 3,
+                 budget_bytes: int = 2 << 30, device: str | torch.device = "cpu") -> StreamedLayer:
+    """Stream ``rows`` x ``cols`` canonical matrices of N same-shape members through the accumulators.
+
+    ``neuron_axis`` is 0 for gate/up ([I, H]: average over rows) and 1 for down ([H, I]: average over columns).
+    Matrix-level PCA needs a second pass over the rows, for its sign rule (each component's entry of largest
+    magnitude is made positive), once the components are known.
+
+    Memory: the budget covers two chunks of all members (one being read while the other is used). The compiled
+    CPU path counts 8 bytes per element of a chunk (a stored value and its float32 conversion, or a float64
+    value) although views of an mmap-ed checkpoint take none of it, and otherwise needs only small per-thread
+    scratch (a few N x 256 float64 arrays); it reads chunks of about ``CHUNK_BYTES`` (at least 128 rows) when
+    the budget allows. The torch path holds two float32 chunks and float64 blocks of them.
+    """
+    kern = _kernels() if torch.device(device).type == "cpu" else None
+    if kern is not None:
+        try:
+            return _stream_layer_compiled(kern, readers, rows, cols, neuron_axis, k=k, budget_bytes=budget_bytes)
+        except Exception as exc:  # noqa: BLE001 - a numba failure (compiling or loading): use torch from now on
+            if not _from_numba(exc):
+                raise
+            _disable_kernels(exc)
+    return _stream_layer_torch(readers, rows, cols, neuron_axis, k=k, budget_bytes=budget_bytes, device=device)
+
+
+def warm_up() -> bool:
+    """Load the compiled kernels now; True when they are in use.
+
+    Importing numba and loading the kernels from numba's cache takes about a second once per process (the
+    first run after installing or editing them compiles them, for half a minute or so, and caches them).
+    """
+    kern = _kernels()
+    if kern is None:
+        return False
+    try:
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):  # one compiled version per stored dtype
+            readers = [lambda a, b, v=float(i), d=dtype: torch.full((b - a, 3), v, dtype=d) for i in range(2)]
+            _stream_layer_compiled(kern, readers, 2, 3, 0, k=1, budget_bytes=1 << 20)
+    except Exception as exc:  # noqa: BLE001 - as in stream_layer
+        if not _from_numba(exc):
+            raise
+        _disable_kernels(exc)
+        return False
+    return True
+
+
+# -- compiled (numba) path -------------------------------------------------------------------------------------
+
+USE_KERNELS = True     # False: always the torch path (tests compare the two)
+CHUNK_BYTES = 8 << 20  # target size of a chunk of all members as bf16: large enough for few reads per matrix,
+                       # small enough that reading the first chunk (not overlapped with work) is short
+_ELEMENT_BYTES = 8     # budget per element of a chunk (see stream_layer)
+_kernels_module = None
+_kernels_error: str | None = None
+
+
+def _kernels():
+    """The numba kernels, imported once; None when numba is missing or broken, or the kernels are disabled."""
+    global _kernels_module, _kernels_error
+    if not USE_KERNELS or _kernels_error is not None:
+        return None
+    if _kernels_module is None:
+        try:
+            from . import _stream_kernels
+        except Exception as exc:  # noqa: BLE001 - numba missing or broken (any import error): use torch
+            _kernels_error = f"{type(exc).__name__}: {exc}"
+            return None
+        _kernels_module = _stream_kernels
+    return _kernels_module
+
+
+def _from_numba(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in ("numba", "llvmlite")
+
+
+def _disable_kernels(exc: BaseException) -> None:
+    global _kernels_error
+    _kernels_error = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"moescope: the compiled kernels of the matrix-level pass failed ({_kernels_error}); "
+                  "using torch instead (same numbers, slower)", stacklevel=3)
+
+
+def _compiled_chunks(total: int, members: int, cols: int, budget_bytes: int) -> list[tuple[int, int]]:
+    """Row chunks of about ``CHUNK_BYTES`` (as bf16), at least 128 rows (fp8 block-quantised rows are read in
+    128s), fewer when two chunks at ``_ELEMENT_BYTES`` per element would exceed 7/8 of the budget."""
+    most = max(1, budget_bytes * 7 // 8 // (2 * _ELEMENT_BYTES * members * cols))
+    want = max(128, CHUNK_BYTES // (2 * members * cols))
+    return chunk_rows(total, 1, min(want, most))
+
+
+_POOLS: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pool(role: str, workers: int) -> ThreadPoolExecutor:
+    """A thread pool kept for the process (starting threads for every matrix costs more than small matrices)."""
+    with _POOLS_LOCK:
+        pool = _POOLS.get((role, workers))
+        if pool is None:
+            pool = _POOLS[(role, workers)] = ThreadPoolExecutor(workers, thread_name_prefix=f"moescope-{role}")
+        return pool
+
+
+def _forget_pools() -> None:  # a forked child has none of its parent's threads
+    global _POOLS_LOCK
+    _POOLS.clear()
+    _POOLS_LOCK = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
+def _run(pool: ThreadPoolExecutor, calls: list[tuple]) -> None:
+    """Run kernel calls (function, *args) at once: the first on this thread, the others on the pool."""
+    futures = [pool.submit(*call) for call in calls[1:]]
+    try:
+        calls[0][0](*calls[0][1:])
+    finally:
+        for future in futures:
+            future.result()
+
+
+def _spans(total: int, parts: int, multiple: int = 1) -> list[tuple[int, int]]:
+    """``total`` split into at most ``parts`` contiguous (start, stop) ranges, cut at multiples of ``multiple``."""
+    units = -(-total // multiple)
+    parts = max(1, min(parts, units))
+    cuts = [min(total, (units * i // parts) * multiple) for i in range(parts + 1)]
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _madvise():
+    """libc's madvise where there is one (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        return libc.madvise
+    except (OSError, AttributeError):
+        return None
+
+
+_MADVISE = _madvise()
+_PAGE = mmap.PAGESIZE
+_WILLNEED, _POPULATE_READ = 3, 22  # MADV_POPULATE_READ: Linux 5.14+ (older kernels: EINVAL, ignored)
+_AHEAD = 2  # chunks read ahead of the next one, per member
+
+
+def _populate(tensors: list[torch.Tensor], files=None) -> None:
+    """Bring the tensors' pages into memory now: they are often views of the mmap-ed checkpoint, read from disk
+    when first touched.
+
+    Runs on the read-ahead thread, so that the disk reads overlap the kernels' work on the previous chunk
+    instead of happening as page faults inside the kernels: asynchronous read-ahead of every member's range and
+    of the next ``_AHEAD`` such ranges of its storage (its next chunks), then a blocking populate of the
+    ranges. Advisory: errors are ignored.
+    """
+    if _MADVISE is None:
+        return
+    ranges, ahead = [], []
+    for t in tensors:
+        start, stop = t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+        ranges.append((start // _PAGE * _PAGE, stop))
+        storage = t.untyped_storage()
+        end = min(storage.data_ptr() + storage.nbytes(), stop + _AHEAD * (stop - start))
+        if end > stop:
+            ahead.append((stop // _PAGE * _PAGE, end))
+    for start, stop in ranges + ahead:
+        _MADVISE(start, stop - start, _WILLNEED)
+    if files is not None:
+        files.read_ahead(ranges)
+    for start, stop in ranges:
+        _MADVISE(start, stop - start, _POPULATE_READ)
+
+
+_RANDOM, _NORMAL = 1, 0
+_FILE_LOOKAHEAD = 256 << 20
+
+
+class _ReadInPlace:
+    """While a chunk's readers run, the file mappings their views come from fault in single pages.
+
+    A reader's view of an mmap-ed file is read when first touched (often by the reader itself, which holds the
+    GIL): with the default read-around each first touch of a member reads ``read_ahead_kb`` around it
+    synchronously, one member after the other. Here the mappings are made ``MADV_RANDOM`` while the readers
+    run (a touch reads one page), then every member's range is read ahead at once (``_populate``), followed
+    by the next ``_FILE_LOOKAHEAD`` bytes of each file (the layer's other matrices), and the mappings get
+    their normal read-ahead back. Advisory only.
+    """
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and _MADVISE is not None
+        self.maps: dict[int, int] = {}  # mapping start -> end
+
+    def __enter__(self):
+        return self
+
+    def add(self, t: torch.Tensor) -> None:
+        if not self.enabled:
+            return
+        address = t.data_ptr()
+        if any(a <= address < b for a, b in self.maps.items()):
+            return
+        found = _file_mapping(address)
+        if found is not None:
+            self.maps[found[0]] = found[1]
+            _MADVISE(found[0], found[1] - found[0], _RANDOM)
+
+    def read_ahead(self, ranges: list[tuple[int, int]]) -> None:
+        for a, b in self.maps.items():
+            inside = [start for start, _ in ranges if a <= start < b]
+            if inside:
+                lo = min(inside)
+                _MADVISE(lo, min(b, lo + _FILE_LOOKAHEAD) - lo, _WILLNEED)
+
+    def __exit__(self, *exc):
+        for a, b in self.maps.items():
+            _MADVISE(a, b - a, _NORMAL)
+        return False
+
+
+def _file_mapping(address: int) -> tuple[int, int] | None:
+    """(start, end) of the file-backed memory mapping that holds ``address``, or None."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                if start <= address < end:
+                    return (start, end) if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/") else None
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+_NATIVE = {torch.bfloat16: np.uint16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+@dataclass
+class _Chunk:
+    """One chunk of the members' rows, as the kernels read it."""
+
+    like: np.ndarray             # an empty array of the dtype read: bf16 bits (uint16), float32 or float64
+    tensors: list[torch.Tensor]  # kept alive while the kernels read them
+    addrs: np.ndarray            # [N] int64 data addresses
+
+
+def _prepare(tensors: list[torch.Tensor], populate: bool, files=None) -> _Chunk:
+    """The members' rows in one dtype the kernels read, contiguous on the CPU (fp16 or mixed dtypes: converted
+    to float32, or float64 when a member is float64), their pages brought in."""
+    tensors = [t.detach().cpu() for t in tensors]
+    dtypes = {t.dtype for t in tensors}
+    dtype = next(iter(dtypes)) if len(dtypes) == 1 else None
+    if dtype not in _NATIVE:
+        dtype = torch.float64 if torch.float64 in dtypes else torch.float32
+        tensors = [t.to(dtype) for t in tensors]
+    tensors = [t.contiguous() for t in tensors]
+    if populate:
+        _populate(tensors, files)
+    return _Chunk(np.empty(0, _NATIVE[dtype]), tensors, np.array([t.data_ptr() for t in tensors], dtype=np.int64))
+
+
+def _prepared_chunks(readers: Sequence[RowReader], chunks: list[tuple[int, int]], cols: int,
+                     populate: bool = True) -> Iterator[tuple[int, int, _Chunk]]:
+    """Yield (start, stop, chunk); the next chunk is read (and its pages brought in) on a thread meanwhile."""
+
+    def read(index: int) -> _Chunk:
+        start, stop = chunks[index]
+        parts = []
+        with _ReadInPlace(populate) as files:
+            for reader in readers:
+                part = reader(start, stop)
+                if tuple(part.shape) != (stop - start, cols):
+                    raise ValueError(f"a member's rows {start}:{stop} have shape {tuple(part.shape)}, expected "
+                                     f"{(stop - start, cols)}")
+                parts.append(part)
+                files.add(part)
+            return _prepare(parts, populate, files)
+
+    reading = _pool("read", 1)
+    pending = reading.submit(read, 0)
+    try:
+        for index, (start, stop) in enumerate(chunks):
+            chunk = pending.result()
+            if index + 1 < len(chunks):
+                pending = reading.submit(read, index + 1)
+            yield start, stop, chunk
+    finally:  # a read-ahead left behind (an error, or a pass stopped early) must not outlive the pass
+        if not pending.cancel():
+            pending.exception()
+
+
+def _stream_layer_compiled(kern, readers: Sequence[RowReader], rows: int, cols: int, neuron_axis: int, *,
+                           k: int, budget_bytes: int) -> StreamedLayer:
+    """``stream_layer`` with the compiled kernels: a pass for the sums, a pass for the sign rule."""
+    n, m = len(readers), kern.padded(len(readers))
+    threads = max(1, torch.get_num_threads())
+    pool = _pool("compute", threads)
+    chunks = _compiled_chunks(rows, n, cols, budget_bytes)
+    # neuron_axis 0: threads take column ranges of each chunk (each owns its columns' sums); 1: row ranges
+    col_spans = _spans(cols, threads, 8)
+    slots = len(col_spans) if neuron_axis == 0 else threads
+    gram, zgram = np.zeros((slots, m, m)), np.zeros((slots, m, m))
+    avg_cols = np.zeros((n, cols) if neuron_axis == 0 else (n, 0))
+    avg_rows = np.zeros((n, rows) if neuron_axis != 0 else (n, 0))
+    for start, stop, chunk in _prepared_chunks(readers, chunks, cols):
+        work = ([(0, stop - start, c0, c1) for c0, c1 in col_spans] if neuron_axis == 0 else
+                [(r0, r1, 0, cols) for r0, r1 in _spans(stop - start, threads)])
+        _run(pool, [(kern.accumulate, chunk.addrs, chunk.like, cols, r0, r1, c0, c1, neuron_axis, gram[i], zgram[i],
+                     avg_cols, avg_rows, start) for i, (r0, r1, c0, c1) in enumerate(work)])
+    averaged = avg_cols / rows if neuron_axis == 0 else avg_rows / cols
+    similarity = _cosine(_symmetric(gram.sum(0)[:n, :n]))
+    averaged_similarity = _cosine(torch.from_numpy(kern.row_gram(averaged)))
+    if n < 2:
+        return StreamedLayer(similarity, averaged_similarity, None, None)
+    evals, evecs, total = _leading_eigen(_symmetric(zgram.sum(0)[:n, :n]).numpy(), min(k, n - 1))
+    u = np.zeros((m, -(-evecs.shape[1] // 3) * 3))  # the kernel projects on 3 components at a time
+    u[:n, : evecs.shape[1]] = evecs
+    best, sign = np.full(u.shape[1], -1.0), np.ones(u.shape[1])
+    # the sign rule's pass; the first pass brought the pages in (and mapped them), so no populate
+    for start, stop, chunk in _prepared_chunks(readers, chunks, cols, populate=False):
+        spans = _spans(stop - start, threads)
+        part_best, part_sign = np.full((len(spans), u.shape[1]), -1.0), np.ones((len(spans), u.shape[1]))
+        _run(pool, [(kern.largest_entries, chunk.addrs, chunk.like, cols, r0, r1, u, part_best[i], part_sign[i])
+                    for i, (r0, r1) in enumerate(spans)])
+        for i in range(len(spans)):  # rows in order: a later entry wins only when strictly larger
+            better = part_best[i] > best
+            best, sign = np.where(better, part_best[i], best), np.where(better, part_sign[i], sign)
+    coords = torch.from_numpy(evecs * np.sqrt(evals) * sign[: evecs.shape[1]])
+    evr = torch.from_numpy(evals / total if total > 0 else evals * float("nan"))
+    return StreamedLayer(similarity, averaged_similarity, coords, evr)
+
+
+def _leading_eigen(gram: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """``pca.leading_eigen`` in numpy, whose LAPACK wakes no thread pool for an N x N matrix (torch's would
+    keep spinning for a while, competing with the kernels for the cores)."""
+    evals, evecs = np.linalg.eigh(gram)
+    return evals[::-1][:k].clip(min=0), np.ascontiguousarray(evecs[:, ::-1][:, :k]), float(np.trace(gram))
+
+
+def _symmetric(upper: np.ndarray) -> torch.Tensor:
+    """The symmetric float64 tensor whose upper triangle (diagonal included) is ``upper``'s."""
+    return torch.from_numpy(np.ascontiguousarray(np.triu(upper) + np.triu(upper, 1).T))
+
+
+# -- torch path (GPU, or numba unavailable) --------------------------------------------------------------------
 
 def _cosine(gram: torch.Tensor) -> torch.Tensor:
     norms = gram.diagonal().clamp_min(1e-300).sqrt()
@@ -85,14 +445,9 @@ def _read_chunks(readers: Sequence[RowReader], chunks: list[tuple[int, int]], co
             yield start, stop, flat
 
 
-def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis: int, *, k: int = 3,
-                 budget_bytes: int = 2 << 30, device: str | torch.device = "cpu") -> StreamedLayer:
-    """Stream ``rows`` x ``cols`` canonical matrices of N same-shape members through the accumulators.
-
-    ``neuron_axis`` is 0 for gate/up ([I, H]: average over rows) and 1 for down ([H, I]: average over columns).
-    The budget covers two float32 chunks of all members (one being read while the other is used) and one
-    member's rows as stored; products accumulate in float64, block by block.
-    """
+def _stream_layer_torch(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis: int, *, k: int = 3,
+                        budget_bytes: int = 2 << 30, device: str | torch.device = "cpu") -> StreamedLayer:
+    """The torch path: two float32 chunks of all members and one member's rows as stored fill the budget."""
     n = len(readers)
     gram = torch.zeros(n, n, dtype=torch.float64, device=device)
     zgram = torch.zeros_like(gram)
