@@ -7,8 +7,9 @@ intermediate 3584, 8 experts, 4 layers, bf16), then measures in fresh processes:
                matrix-level PCA with its sign-rule pass) under a memory budget;
 and reports throughput, the ratio (moescope GB/s / raw GB/s) and peak anonymous memory (RssAnon, sampled every
 5 ms), for the default layer and for one layer made --scale times wider (the peak must not grow with it). Each
-side is the best of --repeat runs (interleaved; memory: the highest peak). As root, the page cache is dropped before every run, so both sides read
-from disk as they would for a real checkpoint (--warm: from the page cache).
+side is the best of --repeat runs (interleaved; memory: the highest peak). As root, the page cache is dropped
+before every run, so both sides read from disk as they would for a real checkpoint (--warm: from the page
+cache). --torch times the torch path instead (the CPU path before issue #4, and still the GPU path).
 
 What is timed: `weights()` from the call to its return (opening the checkpoint, routers, the matrix-level
 pass, the regression, writing results). Like the Python imports, the one-time loading of the compiled kernels
@@ -17,11 +18,20 @@ done before the clock starts and printed separately. The pass is CPU-bound on a 
 Gram matrices, the per-column statistics and a second, sign-rule pass over every element), so other work on
 the machine slows it much more than it slows the raw read: the load average is printed with the figures.
 
-Figures (2 shared cores, AMD EPYC at ~3 GHz, virtio disk; cold reads; budget 256 MiB; ratio = pass / raw read):
-  before (torch float64 blocks):   base 0.11 GB/s vs raw 0.65 GB/s, ratio 0.16; 4x layer 0.07 vs 1.17, ratio 0.06;
-                                   peak RssAnon 132 / 227 MiB
-  after (numba kernels, mmap-ed chunks read in place, read-ahead thread; load average 1.5-5):
-                                   see the report of issue #4 for the runs; peak RssAnon 1 MiB for both layers
+Figures (2 shared vCPUs, AMD EPYC (Zen 4) at ~3 GHz, virtio disk with read_ahead_kb 8192; cold reads; budget
+256 MiB; GB/s of expert bytes; ratio = raw-read time / pass time; load average 1.2-1.5 during the runs):
+                      raw read     matrix-level pass   ratio        peak RssAnon (budget 256 MiB)
+  before (torch path, --torch):
+    base (4 layers)   0.65-0.88    0.10-0.11           0.12-0.16    132 MiB
+    4x layer          1.05-1.17    0.07-0.09           0.06-0.09    227 MiB
+  after (compiled kernels), three runs:
+    base (4 layers)   1.10-1.30    0.64-0.71           0.54-0.65    1 MiB
+    4x layer          1.34-1.56    0.74-0.79           0.51-0.56    1 MiB
+  after, from the page cache (--warm): the pass runs at 0.99-1.05 GB/s, its compute-bound ceiling here.
+The pass still trails the raw read because (i) it is CPU-bound on two cores (about 0.9 s of kernel time for
+0.7 GB: two float64 Gram matrices of 8 members, ~72 multiply-adds per flat column, plus the sign-rule pass),
+so other load on the machine slows it far more than the read; (ii) each shard's first chunk is read
+synchronously by safetensors while the reader holds the GIL, before any arithmetic can start.
 Run: python benchmarks/static.py [--hidden 1024 --intermediate 3584 --layers 4 --budget-mb 256 --scale 4]
 """
 from __future__ import annotations

@@ -163,3 +163,26 @@ def test_a_numba_failure_falls_back_to_torch(monkeypatch):
     with pytest.warns(UserWarning, match="using torch"):
         check(run(mats, 0), mats, 0)
     assert stream._kernels() is None  # disabled from then on (monkeypatch restores it after the test)
+
+
+def test_mmap_read_checkpoint_gives_the_numbers_and_leaves_normal_read_ahead(tiny):
+    from moescope.arch import open_model
+    from moescope.static.run import _member_readers
+
+    built = tiny("mixtral")  # bf16 safetensors: the readers return views of the mmap-ed shards
+    model = open_model(built.path)
+    labels, width, hidden = model.member_labels(0), model.member_widths(0)[0], model.hidden_size
+    for matrix, axis in (("gate", 0), ("down", 1)):
+        readers = _member_readers(model, 0, matrix, labels, None)
+        rows, cols = (hidden, width) if matrix == "down" else (width, hidden)
+        res = stream.stream_layer(readers, rows, cols, axis, budget_bytes=rows * cols)  # several chunks
+        check(res, [r(0, rows) for r in readers], axis)
+    flags = []  # the shards' mappings are no longer MADV_RANDOM ("rr") after the pass
+    with open("/proc/self/smaps") as smaps:
+        current = None
+        for line in smaps:
+            if "-" in line.split(" ", 1)[0]:
+                current = line.rstrip().split()[-1]
+            elif line.startswith("VmFlags") and current and current.endswith(".safetensors"):
+                flags.append(line.split()[1:])
+    assert flags and not any("rr" in f for f in flags)

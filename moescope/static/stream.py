@@ -5,10 +5,11 @@ PCA are all sums over rows, so they accumulate chunk by chunk (in float64) and n
 even a whole member, in memory. Neuron-level work holds a few members at a time (``MemberCache``), and
 neuron-level PCA accumulates its hidden x hidden covariance member by member.
 
-On the CPU the matrix-level pass runs compiled kernels (``_stream_kernels``, numba) on the readers' tensors as
-they come (often views of the mmap-ed checkpoint: no copy, no float32 or float64 copy of a chunk), on all of
-torch's threads, while a read-ahead thread brings the next chunk's pages in from disk. On a GPU, or where numba
-is missing or fails, torch computes the same sums in float64 blocks.
+On the CPU the matrix-level pass runs compiled kernels (``_stream_kernels``, numba) on all of torch's threads,
+reading the readers' tensors in place (usually views of the mmap-ed checkpoint: no float32 or float64 copy of
+a chunk, and no anonymous memory for it), while a read-ahead thread reads the next chunk and brings its pages
+in from disk (``_populate``, ``_Files``), so that disk reads overlap the arithmetic instead of stalling it. On
+a GPU, or where numba is missing or fails, torch computes the same sums in float64 blocks.
 """
 from __future__ import annotations
 
@@ -225,50 +226,62 @@ def _populate(tensors: list[torch.Tensor], files=None) -> None:
         _MADVISE(start, stop - start, _POPULATE_READ)
 
 
-_RANDOM, _NORMAL = 1, 0
-_FILE_LOOKAHEAD = 256 << 20
+_NORMAL, _RANDOM = 0, 1
+_FILE_LOOKAHEAD = 256 << 20  # bytes of a checkpoint file read ahead of the chunks
 
 
-class _ReadInPlace:
-    """While a chunk's readers run, the file mappings their views come from fault in single pages.
+class _Files:
+    """The mmap-ed checkpoint files one pass reads from (its readers' views), and how they are read.
 
-    A reader's view of an mmap-ed file is read when first touched (often by the reader itself, which holds the
-    GIL): with the default read-around each first touch of a member reads ``read_ahead_kb`` around it
-    synchronously, one member after the other. Here the mappings are made ``MADV_RANDOM`` while the readers
-    run (a touch reads one page), then every member's range is read ahead at once (``_populate``), followed
-    by the next ``_FILE_LOOKAHEAD`` bytes of each file (the layer's other matrices), and the mappings get
-    their normal read-ahead back. Advisory only.
+    A view of an mmap-ed file is read from disk when first touched, often by the reader itself, which holds
+    the GIL meanwhile; with the kernel's default read-around every first touch reads ``read_ahead_kb`` around
+    it synchronously, one member after the other. So while a chunk's readers run, the files are
+    ``MADV_RANDOM`` (a touch reads a single page); then all members' ranges are read at once (``_populate``),
+    and each file ahead of the chunk, ``_FILE_LOOKAHEAD`` bytes (the members' next chunks, the layer's other
+    matrices) asynchronously; the files get their normal read-ahead back after every chunk's readers.
+    Advisory only: nothing here changes what is read, only when.
     """
 
-    def __init__(self, enabled: bool):
-        self.enabled = enabled and _MADVISE is not None
-        self.maps: dict[int, int] = {}  # mapping start -> end
+    def __init__(self):
+        self.ends: dict[int, int] = {}                # file mapping start -> end
+        self.advised: dict[int, tuple[int, int]] = {}  # file mapping start -> [lo, hi) read ahead
 
-    def __enter__(self):
-        return self
+    def random(self) -> None:
+        """Before a chunk's readers run: known files fault single pages."""
+        for start, end in self.ends.items():
+            _MADVISE(start, end - start, _RANDOM)
 
-    def add(self, t: torch.Tensor) -> None:
-        if not self.enabled:
-            return
+    def see(self, t: torch.Tensor) -> None:
+        """After a reader returned ``t``: its file, if new, faults single pages too."""
         address = t.data_ptr()
-        if any(a <= address < b for a, b in self.maps.items()):
+        if any(start <= address < end for start, end in self.ends.items()):
             return
         found = _file_mapping(address)
         if found is not None:
-            self.maps[found[0]] = found[1]
+            self.ends[found[0]] = found[1]
             _MADVISE(found[0], found[1] - found[0], _RANDOM)
 
-    def read_ahead(self, ranges: list[tuple[int, int]]) -> None:
-        for a, b in self.maps.items():
-            inside = [start for start, _ in ranges if a <= start < b]
-            if inside:
-                lo = min(inside)
-                _MADVISE(lo, min(b, lo + _FILE_LOOKAHEAD) - lo, _WILLNEED)
+    def normal(self) -> None:
+        """After a chunk's readers ran: the files' normal read-ahead is back."""
+        for start, end in self.ends.items():
+            _MADVISE(start, end - start, _NORMAL)
 
-    def __exit__(self, *exc):
-        for a, b in self.maps.items():
-            _MADVISE(a, b - a, _NORMAL)
-        return False
+    def read_ahead(self, ranges: list[tuple[int, int]]) -> None:
+        """Read each file ahead of the chunk's ranges, asynchronously (only what was not advised yet)."""
+        for start, end in self.ends.items():
+            inside = [a for a, _ in ranges if start <= a < end]
+            if not inside:
+                continue
+            first = min(inside)
+            lo, hi = self.advised.get(start, (first, first))
+            want = min(end, first + _FILE_LOOKAHEAD)
+            if lo <= first and want <= hi + _FILE_LOOKAHEAD // 4:
+                continue
+            for a, b in ((first, min(lo, want)), (max(hi, first), want)):
+                if b > a:
+                    a = a // _PAGE * _PAGE
+                    _MADVISE(a, b - a, _WILLNEED)
+            self.advised[start] = (min(lo, first), max(hi, want))
 
 
 def _file_mapping(address: int) -> tuple[int, int] | None:
@@ -279,7 +292,8 @@ def _file_mapping(address: int) -> tuple[int, int] | None:
                 fields = line.split(maxsplit=5)
                 start, end = (int(v, 16) for v in fields[0].split("-"))
                 if start <= address < end:
-                    return (start, end) if len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/") else None
+                    file = len(fields) == 6 and fields[4] != "0" and fields[5].startswith("/")
+                    return (start, end) if file else None
     except (OSError, ValueError):
         pass
     return None
@@ -316,18 +330,26 @@ def _prepared_chunks(readers: Sequence[RowReader], chunks: list[tuple[int, int]]
                      populate: bool = True) -> Iterator[tuple[int, int, _Chunk]]:
     """Yield (start, stop, chunk); the next chunk is read (and its pages brought in) on a thread meanwhile."""
 
+    files = _Files() if populate and _MADVISE is not None else None
+
     def read(index: int) -> _Chunk:
         start, stop = chunks[index]
         parts = []
-        with _ReadInPlace(populate) as files:
+        if files is not None:
+            files.random()
+        try:
             for reader in readers:
                 part = reader(start, stop)
                 if tuple(part.shape) != (stop - start, cols):
                     raise ValueError(f"a member's rows {start}:{stop} have shape {tuple(part.shape)}, expected "
                                      f"{(stop - start, cols)}")
                 parts.append(part)
-                files.add(part)
-            return _prepare(parts, populate, files)
+                if files is not None:
+                    files.see(part)
+        finally:
+            if files is not None:
+                files.normal()
+        return _prepare(parts, populate, files)
 
     reading = _pool("read", 1)
     pending = reading.submit(read, 0)
