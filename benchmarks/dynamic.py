@@ -6,7 +6,7 @@ cosines for every layer:
   (1) study: a routing pass, then for every layer a second full forward in which a hook runs every expert on
       each token separately and loops over expert pairs for the cosines (the original code's structure);
   (2) moescope: one forward pass capturing every layer, then batched all-experts recompute + accumulators
-      (moescope.dynamic.forward_pass + analyse_layer; weights read from the checkpoint).
+      (moescope.dynamic.forward_pass + accumulate_layer / layer_results; weights read from the checkpoint).
 Both give the same numbers (checked). Also reported: the all-experts recompute alone, as a fraction of the
 machine's measured float32 matmul rate.
 Run: python benchmarks/dynamic.py [--layers 8 --hidden 512 --width 1024 --tokens 256 --threads N]
@@ -24,7 +24,8 @@ from moescope.dynamic.experts import activation, layer_members, member_outputs
 from moescope.dynamic.forward import forward_pass
 from moescope.dynamic.inputs import Document
 from moescope.dynamic.loader import load_model
-from moescope.dynamic.run import TraceOptions, analyse_layer
+from moescope.dynamic.run import TraceOptions
+from moescope.dynamic.shards import Shard, accumulate_layer, layer_results
 from moescope.testing import build_checkpoint
 
 
@@ -67,8 +68,8 @@ def study(net, model, ids: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.
 def moescope_way(net, model, doc: Document, device: str = "cpu") -> dict[int, dict]:
     """(2) one forward pass, then per layer the batched recompute and accumulators."""
     traces = forward_pass(net, model.family.execution, model.moe_layers, [doc], device=device, progress=False)
-    opts = TraceOptions(similarity_tokens=len(doc.ids))
-    return {l: analyse_layer(model, l, traces[l], opts, keep_intermediate=False, device=device)[1]
+    opts, shard = TraceOptions(similarity_tokens=len(doc.ids), stats=False), Shard([doc], batch_size=1)
+    return {l: layer_results(model, accumulate_layer(model, l, traces[l], shard, opts, False, device=device), opts)[1]
             for l in model.moe_layers}
 
 

@@ -68,7 +68,8 @@ def _cmd_trace(args: argparse.Namespace) -> None:
                            max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device, stats=not args.no_stats, bootstrap=args.bootstrap)
     results = trace(args.path, texts, dense=args.dense, out=args.out, options=options, source=source,
-                    resume=not args.no_resume, progress=not (args.quiet or args.json))
+                    resume=not args.no_resume, progress=not (args.quiet or args.json), workers=args.workers,
+                    ray=args.ray)
     summary = results.summary
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -122,6 +123,12 @@ def _input_texts(args: argparse.Namespace) -> tuple[list[str], str]:
     from .dynamic.inputs import select_input
 
     return select_input(args.prompt, args.builtin, args.text, args.wikitext, args.documents)
+
+
+def _add_worker_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--workers", type=int, default=1, help=what)
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run the --workers on Ray (a local cluster started for the run, or the cluster at ADDRESS)")
 
 
 def _add_input_options(p: argparse.ArgumentParser, default: str) -> None:
@@ -230,9 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--memory-budget", default="2G", help="bytes for one streamed chunk of a layer (e.g. 512M, 2G)")
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
-    p.add_argument("--workers", type=int, default=1, help="analyse layers in N parallel processes")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="run the --workers on Ray (a local cluster, or the cluster at ADDRESS)")
+    _add_worker_options(p, "analyse layers in N parallel processes")
     p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("trace", help="dynamic analyses from one forward pass: expert outputs, norms vs router "
@@ -253,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_worker_options(p, "trace the documents in N shards by parallel processes (results merged exactly)")
     p.set_defaults(func=_cmd_trace)
 
     p = sub.add_parser("report", help="self-contained HTML report (figures, headline numbers) from saved runs")

@@ -223,6 +223,15 @@ class MemberHealth:
         full[keep[:, None], keep[None, :]] = square.to(full.dtype)
         return full
 
+    def merge(self, other: "MemberHealth") -> "MemberHealth":
+        """Health over the tokens of both (trace shards): NaN / inf counts add up; zero means zero in both."""
+        nonfinite = {}
+        for label in self.labels:
+            counts = [h.nonfinite[label] for h in (self, other) if label in h.nonfinite]
+            if counts:
+                nonfinite[label] = {k: sum(c[k] for c in counts) for k in ("nan", "inf")}
+        return MemberHealth(list(self.labels), nonfinite, [label for label in self.zero if label in other.zero])
+
     def mask(self, square: torch.Tensor) -> torch.Tensor:
         """A ``[..., n, n]`` table over all members with the excluded rows and columns set to NaN (a copy)."""
         out = square.clone() if square.is_floating_point() else square.double()
@@ -297,17 +306,27 @@ def output_health(outputs: torch.Tensor, labels: Sequence[str]) -> MemberHealth:
     return health
 
 
+def nonfinite_tokens(states: torch.Tensor) -> int:
+    """How many tokens (rows) of ``states`` hold NaN / inf."""
+    return int((~torch.isfinite(states)).reshape(states.shape[0], -1).any(1).sum())
+
+
+def poisoned_states_error(layer: int, tokens: int, total: int,
+                          what: str = "hidden states entering") -> NonFiniteWeightsError:
+    """The error for states of ``layer`` that hold NaN / inf for ``tokens`` of ``total`` tokens."""
+    return NonFiniteWeightsError(
+        f"the {what} layer {layer} hold NaN/inf for {tokens} of {total} tokens: weights of an earlier "
+        "layer (see the warnings above) are non-finite and the forward pass carried them on, so routing at "
+        f"layer {layer} and after cannot be analysed. Layers before it were written. Repair the checkpoint "
+        "(re-download the damaged shard), or trace only the layers before it with --layers.")
+
+
 def check_finite_states(states: torch.Tensor, layer: int, what: str = "hidden states entering") -> None:
     """Raise ``NonFiniteWeightsError`` if the states a layer sees hold NaN / inf (an earlier layer's damaged
     weights poisoned the forward pass: routing there and after means nothing)."""
-    bad = ~torch.isfinite(states)
-    if bool(bad.any()):
-        tokens = int(bad.reshape(states.shape[0], -1).any(1).sum()) if states.ndim > 1 else int(bad.sum())
-        raise NonFiniteWeightsError(
-            f"the {what} layer {layer} hold NaN/inf for {tokens} of {states.shape[0]} tokens: weights of an earlier "
-            "layer (see the warnings above) are non-finite and the forward pass carried them on, so routing at "
-            f"layer {layer} and after cannot be analysed. Layers before it were written. Repair the checkpoint "
-            "(re-download the damaged shard), or trace only the layers before it with --layers.")
+    tokens = nonfinite_tokens(states)
+    if tokens:
+        raise poisoned_states_error(layer, tokens, states.shape[0], what)
 
 
 def first_nonfinite_layer(states: Mapping[int, torch.Tensor]) -> int | None:

@@ -1,6 +1,7 @@
 """moescope trace from the command line: inputs, the dense member F, resuming, and clear errors."""
 import json
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -9,8 +10,10 @@ import torch
 from moescope import load_results
 from moescope.arch import open_model
 from moescope.cli import main
-from moescope.dynamic.inputs import paragraphs, select_input, wikitext_lines
+from moescope.dynamic.inputs import CHAT_PROMPT, SHORT_PROMPT, paragraphs, select_input, wikitext_lines
 from moescope.dynamic.loader import load_model
+
+TEXTS = [SHORT_PROMPT, CHAT_PROMPT, "Experts are small networks; the router picks two of them for every token."]
 
 
 def test_dense_member_F_is_the_dense_models_own_ffn_output(tiny, tmp_path):
@@ -60,10 +63,34 @@ def test_summary_is_printed(tiny, tmp_path, capsys):
     (["--prompt", "   "], "input is empty"),
     (["--text", "/nonexistent/file.txt"], "cannot read"),
     (["--layers", "7"], "not MoE layers"),
+    (["--workers", "0"], "--workers must be at least 1"),
+    (["--ray"], "pass --workers N"),
 ])
 def test_bad_input_is_a_clear_error(tiny, tmp_path, capsys, args, message):
     assert main(["trace", str(tiny("mixtral").path), "--out", str(tmp_path / "r"), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_workers_trace_shards_whose_merged_results_equal_one_process(tiny, tmp_path, one_torch_thread,
+                                                                      assert_same_results):
+    """3 documents, one per batch: 2 worker processes trace 2 and 1 of them, their accumulators merge (sums over
+    tokens to 1e-12, everything else bit-identical: per-token values, counts, kept states, bootstrap CIs)."""
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    command = ["trace", str(tiny("mixtral").path), "--documents", str(docs), "--batch-size", "1", "--bootstrap", "50",
+               "--dtype", "float32", "--quiet"]
+    assert main([*command, "--out", str(tmp_path / "one")]) == 0
+    assert main([*command, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = load_results(tmp_path / "one"), load_results(tmp_path / "two")
+    assert len(one["inputs.documents"]) == 4 and one["layer0.stats.cross_layer.next_layer"] == 1
+    assert_same_results(one, two)
+
+
+def test_ray_not_installed_is_a_clear_error(tiny, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
+    assert main(["trace", str(tiny("mixtral").path), "--builtin", "short", "--out", str(tmp_path / "r"),
+                 "--workers", "2", "--ray"]) == 2
+    assert "--ray needs Ray installed" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_and_dense_checks(tiny, tmp_path, capsys):

@@ -31,7 +31,7 @@ def ascending_ranks(values: torch.Tensor) -> torch.Tensor:
 def _keep_first(kept: dict[int, torch.Tensor], start: int, block: torch.Tensor, limit: int) -> None:
     """Keep rows of ``block`` (which starts at global token ``start``) whose position is below ``limit``."""
     if start < limit:
-        kept[start] = block[: limit - start].clone()
+        kept[start] = block[: limit - start].cpu().clone()
 
 
 def _kept(kept: dict[int, torch.Tensor], limit: int, empty: torch.Tensor) -> torch.Tensor:
@@ -107,29 +107,36 @@ class NormScoreRanks:
 
 @dataclass
 class IntermediateSummary:
-    """Per member and neuron: mean |act(W_gate x)| over tokens; fraction of values with |a| below ``tol``."""
+    """Per member and neuron: mean |act(W_gate x)| over tokens; fraction of values with |a| below ``tol``; the
+    states themselves for the first ``keep`` tokens."""
 
     widths: dict[str, int]
     tol: float = 1e-3
     abs_sum: dict = field(default_factory=dict)
     near_zero: dict = field(default_factory=dict)
     tokens: dict = field(default_factory=dict)
+    keep: int = 0
+    kept: dict = field(default_factory=dict)     # label -> {start: rows}
 
-    def update(self, label: str, act: torch.Tensor) -> None:
-        """``act`` ``[T, I]`` of one member."""
+    def update(self, label: str, act: torch.Tensor, start: int = 0) -> None:
+        """``act`` ``[T, I]`` of one member for tokens ``start .. start+T`` (global positions)."""
         a = act.abs().double()
         self.abs_sum[label] = self.abs_sum.get(label, 0) + a.sum(0).cpu()
         self.near_zero[label] = self.near_zero.get(label, 0) + int((a < self.tol).sum())
         self.tokens[label] = self.tokens.get(label, 0) + act.shape[0]
+        _keep_first(self.kept.setdefault(label, {}), start, act, self.keep)
 
     def merge(self, other: "IntermediateSummary") -> "IntermediateSummary":
         add = lambda x, y: {k: x.get(k, 0) + y.get(k, 0) for k in {**x, **y}}  # noqa: E731
+        kept = {k: {**self.kept.get(k, {}), **other.kept.get(k, {})} for k in {**self.kept, **other.kept}}
         return IntermediateSummary(self.widths, self.tol, add(self.abs_sum, other.abs_sum),
-                                   add(self.near_zero, other.near_zero), add(self.tokens, other.tokens))
+                                   add(self.near_zero, other.near_zero), add(self.tokens, other.tokens),
+                                   self.keep, kept)
 
     def finalize(self, top: int = 10) -> dict:
         mean_abs = {k: (self.abs_sum[k] / max(self.tokens[k], 1)).float() for k in self.abs_sum}
         return {"mean_abs": mean_abs,
                 "near_zero_fraction": {k: self.near_zero[k] / max(self.tokens[k] * self.widths[k], 1)
                                        for k in self.near_zero},
-                "top_neurons": {k: torch.topk(v, min(top, v.numel())).indices.tolist() for k, v in mean_abs.items()}}
+                "top_neurons": {k: torch.topk(v, min(top, v.numel())).indices.tolist() for k, v in mean_abs.items()},
+                "kept": {k: _kept(v, self.keep, None) for k, v in self.kept.items() if v}}

@@ -1,28 +1,27 @@
 """``moescope trace``: the dynamic analyses of PAPER.md for every MoE layer, from one forward pass."""
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ..arch.adapter import MoEModel, open_model
 from ..errors import ConfigError, OptionsError
+from ..parallel import check_workers, process_pool, worker_threads
 from ..results import Results, RunWriter, config_hash, load_results
 from ..static.run import check_dense_model
-from ..validate import check_finite_states, first_nonfinite_layer, output_health
-from .experts import activation, layer_members, member_outputs
+from ..validate import first_nonfinite_layer, nonfinite_tokens, poisoned_states_error
 from .forward import LayerTrace, forward_pass
 from .inputs import Document, documents_hash, encode_documents
 from .loader import load_model, load_tokenizer, resolve_device, resolve_dtype
-from .metrics import IntermediateSummary, NormScoreRanks, OutputSimilarity
-from .routing import router_scores, select_experts
-from .routing_stats import CrossLayerConsistency, LayerRoutingStats, top1_experts
+from .shards import (LayerAccumulators, Shard, accumulate_layer, cross_layer_accumulators, layer_results,
+                     routing_of, split_shards)
 
 
 @dataclass
@@ -52,120 +51,6 @@ def default_intermediate_layers(moe_layers: Sequence[int]) -> list[int]:
     return sorted({moe_layers[0], moe_layers[len(moe_layers) // 2], moe_layers[-1]}) if moe_layers else []
 
 
-def routing_of(model: MoEModel, trace: LayerTrace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(scores [T, E], weights [T, k], indices [T, k])``: the choice as the router module returned it, or
-    recomputed from its logits by the family rule where the module returns logits alone."""
-    logits = trace.router["logits"]
-    scores = router_scores(logits, model.routing)
-    if "indices" in trace.router:
-        return scores, trace.router["weights"].float(), trace.router["indices"].long()
-    weights, indices = select_experts(logits, model.routing)
-    return scores, weights, indices
-
-
-def reconstruct(model: MoEModel, layer: int, outputs: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor,
-                x: torch.Tensor) -> torch.Tensor:
-    """The MoE block output rebuilt from recomputed member outputs ``[M, T, H]`` and the routing choice:
-    ``Σ_k w_k E_{i_k}(x)`` plus the shared members (Qwen: times ``σ(shared_gate · x)``)."""
-    E, T = model.num_experts, outputs.shape[1]
-    routed = (outputs[indices, torch.arange(T)[:, None]] * weights[..., None]).sum(1)
-    shared = outputs[E:E + model.num_shared_members].sum(0)
-    gate = model.shared_gate(layer)
-    if gate is not None:
-        shared = shared * torch.sigmoid(x @ gate.float().T)
-    return routed + shared
-
-
-def split_tables(data: Mapping[str, Any], prefix: str) -> tuple[dict, dict]:
-    """Nested results -> (JSON tables, tensors keyed ``prefix.path``): arrays become tensors, the rest JSON."""
-    tables, tensors = {}, {}
-    for key, value in data.items():
-        if isinstance(value, Mapping) and "value" not in value:
-            tables[key], more = split_tables(value, f"{prefix}.{key}")
-            tensors.update(more)
-        elif isinstance(value, np.ndarray):
-            tensors[f"{prefix}.{key}"] = torch.from_numpy(np.ascontiguousarray(value))
-        else:
-            tables[key] = value
-    return tables, tensors
-
-
-def layer_routing_stats(model: MoEModel, weights: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor,
-                        token_ids: Sequence[int], offsets: Sequence[int], opts: TraceOptions) -> tuple[dict, dict]:
-    """Routing statistics of one layer, documents as the resampling unit (see docs/routing_stats.md)."""
-    stats = LayerRoutingStats(model.num_experts, model.routing.top_k, seed=opts.seed)
-    ids = np.asarray(token_ids)
-    for a, b in zip(offsets, offsets[1:]):
-        stats.update(indices[a:b].numpy(), weights[a:b].numpy(), scores[a:b].numpy(), ids[a:b])
-    return split_tables(stats.finalize(n_bootstrap=opts.bootstrap, seed=opts.seed), "stats")
-
-
-def cross_layer_stats(choices: Mapping[int, tuple[torch.Tensor, torch.Tensor]], offsets: Sequence[int],
-                      experts: int, opts: TraceOptions) -> dict[int, dict]:
-    """Mutual information between a token's top-1 expert at each traced layer and at the next traced layer."""
-    layers, out = sorted(choices), {}
-    for layer, following in zip(layers, layers[1:]):
-        top1, top1_next = (top1_experts(choices[l][1].numpy(), choices[l][0].numpy()) for l in (layer, following))
-        acc = CrossLayerConsistency(experts, seed=opts.seed)
-        for a, b in zip(offsets, offsets[1:]):
-            acc.update(top1[a:b], top1_next[a:b])
-        tables, _ = split_tables(acc.finalize(n_bootstrap=opts.bootstrap, seed=opts.seed), "")
-        out[layer] = {"next_layer": following, **tables}
-    return out
-
-
-def analyse_layer(model: MoEModel, layer: int, trace: LayerTrace, opts: TraceOptions, keep_intermediate: bool,
-                  dense: MoEModel | None = None, dense_trace: LayerTrace | None = None,
-                  device: str = "cpu") -> tuple[dict, dict]:
-    """Every member's output on the captured inputs, and the analyses of one layer: (tables, tensors)."""
-    check_finite_states(trace.inputs, layer)
-    members = layer_members(model, layer, dense, device)
-    labels = [m.label for m in members]
-    E, T = model.num_experts, trace.inputs.shape[0]
-    summary = IntermediateSummary({m.label: m.width for m in members})
-    kept: dict[str, torch.Tensor] = {}
-    outputs = torch.empty(len(members), T, model.hidden_size)
-    for i, member in enumerate(members):
-        x = (dense_trace if member.label == "F" else trace).inputs.to(device)
-        glu = activation(dense if member.label == "F" else model)
-
-        def on_intermediate(start: int, act: torch.Tensor, label: str = member.label) -> None:
-            summary.update(label, act)
-            if keep_intermediate and start < opts.intermediate_tokens:
-                kept[label] = torch.cat([kept.get(label, act[:0].cpu()), act[:opts.intermediate_tokens - start].cpu()])
-
-        outputs[i] = member_outputs(x, member.load(), glu, opts.chunk_tokens, on_intermediate).cpu()
-    scores, weights, indices = routing_of(model, trace)
-    similarity = OutputSimilarity(len(members), opts.similarity_tokens)
-    for start in range(0, T, opts.chunk_tokens):
-        similarity.update(outputs[:, start:start + opts.chunk_tokens], start)
-    norms = outputs.norm(dim=-1).T.contiguous()
-    ranks = NormScoreRanks(E)
-    ranks.update(norms[:, :E], scores)
-    rebuilt = reconstruct(model, layer, outputs, weights, indices, trace.inputs)
-    error = float((rebuilt - trace.output).norm() / trace.output.norm().clamp_min(1e-30))
-    sim, rank, inter = similarity.finalize(), ranks.finalize(), summary.finalize()
-    health = output_health(outputs, labels)   # a member whose output is zero or non-finite has no cosine
-    health.warn(f"layer {layer}")
-    sim = {k: health.mask(v) for k, v in sim.items()}
-    routed_sim = sim["output_similarity"][:E, :E]
-    off_diagonal = routed_sim[~torch.eye(E, dtype=torch.bool)]
-    off_diagonal = off_diagonal[~off_diagonal.isnan()]
-    tables = {"members": labels, "widths": [m.width for m in members], "tokens": T,
-              "scoring": model.routing.scoring, "top_k": model.routing.top_k,
-              "mean_routed_angular_similarity": float(off_diagonal.mean()) if off_diagonal.numel() else None,
-              **health.table(),
-              "reconstruction_error": error,
-              **{k: v for k, v in rank.items() if k != "rank_counts"},
-              "intermediate_near_zero_fraction": inter["near_zero_fraction"],
-              "intermediate_top_neurons": inter["top_neurons"]}
-    tensors = {"chosen_experts": indices, "chosen_weights": weights.float(), "router_logits": trace.router["logits"].float(),
-               "router_scores": scores, "expert_norms": norms, "rank_counts": rank["rank_counts"], **sim,
-               **{f"intermediate_mean_abs.{k}": v for k, v in inter["mean_abs"].items()},
-               **{f"intermediate.{k}": v for k, v in kept.items()}}
-    return tables, tensors
-
-
 def _check_tokenizers(tokenizer, dense_tokenizer) -> None:
     if tokenizer.get_vocab() != dense_tokenizer.get_vocab():
         raise ConfigError("--dense: the dense model's tokenizer differs from the MoE model's, so the same text "
@@ -175,9 +60,14 @@ def _check_tokenizers(tokenizer, dense_tokenizer) -> None:
 
 def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = None,
           out: str | Path = "moescope-runs/trace", options: TraceOptions | None = None, source: str = "text",
-          resume: bool = True, progress: bool = True) -> Results:
-    """Run the dynamic analyses on ``texts`` (each text a document); write and return the results."""
+          resume: bool = True, progress: bool = True, workers: int = 1, ray: str | None = None) -> Results:
+    """Run the dynamic analyses on ``texts`` (each text a document); write and return the results.
+
+    ``workers`` > 1 splits the documents into that many shards of whole forward batches, traced by parallel
+    processes (``ray``: on a Ray cluster, "local" or an address); their accumulators merge into the results of
+    one process (docs/results.md says what is bit-identical)."""
     opts = options or TraceOptions()
+    check_workers(workers, ray)
     model = open_model(path)
     if not model.moe_layers:
         raise ConfigError(f"'{path}' is a dense {model.family.title} checkpoint: trace needs an MoE model "
@@ -195,8 +85,6 @@ def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = 
         check_dense_model(model, dense_model, layers)
         dense_model.check()
         _check_tokenizers(tokenizer, load_tokenizer(dense_model))
-    device = resolve_device(opts.device)
-    compute = "cpu" if device == "map" else device
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
                   "config_sha256": config_hash(model.config),
                   "dense": None if dense_model is None else {"path": str(dense_model.checkpoint.path),
@@ -207,52 +95,98 @@ def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = 
     writer.write_json("inputs", _inputs_table(tokenizer, documents))
     todo = [l for l in layers if not writer.done(l)]
     if todo:
-        _trace_layers(model, dense_model, layers, todo, documents, opts, device, compute, writer,
-                      pad_id=tokenizer.pad_token_id or 0, progress=progress)
+        shards = split_shards(documents, opts.batch_size, workers)
+        pad_id = tokenizer.pad_token_id or 0
+        if len(shards) == 1:
+            poisoned = _trace_here(model, dense_model, layers, todo, shards[0], opts, writer, pad_id, progress)
+        else:
+            poisoned = _trace_sharded(model, dense_model, layers, todo, shards, opts, writer, pad_id, progress, ray)
+        if poisoned is not None:
+            raise poisoned_states_error(*poisoned, sum(len(d.ids) for d in documents))
     results = load_results(writer.out)
     results.summary = writer.write_summary(_summary(results, model, documents))
     return results
 
 
-def _trace_layers(model: MoEModel, dense_model: MoEModel | None, layers: list[int], todo: list[int],
-                  documents: list[Document], opts: TraceOptions, device: str, compute: str, writer: RunWriter,
-                  pad_id: int, progress: bool) -> None:
-    """Analyse the ``todo`` layers (the cross-layer statistics need the routing of every traced layer)."""
-    dtype = resolve_dtype(opts.dtype, device)
-    offsets = np.cumsum([0] + [len(d.ids) for d in documents]).tolist()
-    captured = layers if opts.stats else todo
-    traces = _forward(model, captured, documents, opts, device, dtype, pad_id, True, progress)
-    poisoned = first_nonfinite_layer({l: t.inputs for l, t in traces.items()})
-    poisoned_inputs = None if poisoned is None else traces[poisoned].inputs
-    clean = [l for l in captured if poisoned is None or l < poisoned]  # analyse these, then report the poisoned
-    cross = cross_layer_stats({l: routing_of(model, traces[l])[1:] for l in clean}, offsets,
-                              model.num_experts, opts) if opts.stats else {}
-    layers = [l for l in todo if l in clean]
-    dense_traces = None if dense_model is None else \
-        _forward(dense_model, layers, documents, opts, device, dtype, pad_id, False, progress)
-    keep = set(opts.intermediate_layers if opts.intermediate_layers is not None
-               else default_intermediate_layers(model.moe_layers))
-    tolerance = 1e-3 if dtype == torch.float32 else 5e-2
-    token_ids = [i for d in documents for i in d.ids]
-    for layer in tqdm(layers, desc="experts", unit="layer", disable=not progress):
-        trace = traces.pop(layer)
-        tables, tensors = analyse_layer(model, layer, trace, opts, layer in keep, dense_model,
-                                        None if dense_traces is None else dense_traces.pop(layer), compute)
-        if opts.stats:
-            stats, stat_tensors = layer_routing_stats(model, tensors["chosen_weights"], tensors["chosen_experts"],
-                                                      tensors["router_scores"], token_ids, offsets, opts)
-            shared = [l for l in tables["members"] if l.startswith("shared")]
-            tables["stats"] = {**stats, "cross_layer": cross.get(layer),
-                               "shared_experts": {"members": shared, "load": [1.0] * len(shared),
-                                                  "note": "shared experts process every token (not routed)"}}
-            tensors.update(stat_tensors)
-        if tables["reconstruction_error"] > tolerance:
-            warnings.warn(f"layer {layer}: the recomputed experts rebuild the model's MoE output only to a "
-                          f"relative error of {tables['reconstruction_error']:.2g}; the family description may "
-                          "not match this model's expert computation", stacklevel=2)
-        writer.write_layer(layer, tables, tensors)
-    if poisoned is not None:
-        check_finite_states(poisoned_inputs, poisoned)
+class ShardTrace:
+    """The forward pass over one shard's documents; then ``accumulate(layer)`` for each of ``layers`` (the todo
+    layers before the first whose block input is non-finite, given with its count of such tokens in
+    ``poisoned``). The cross-layer statistics need the routing of every traced layer, so all are captured."""
+
+    def __init__(self, model: MoEModel, dense_model: MoEModel | None, layers: list[int], todo: list[int],
+                 shard: Shard, opts: TraceOptions, pad_id: int, progress: bool) -> None:
+        device = resolve_device(opts.device)
+        dtype = resolve_dtype(opts.dtype, device)
+        self.model, self.dense_model, self.shard, self.opts = model, dense_model, shard, opts
+        self.compute = "cpu" if device == "map" else device
+        traces = _forward(model, layers if opts.stats else todo, shard.documents, opts, device, dtype, pad_id, True,
+                          progress)
+        poisoned = first_nonfinite_layer({l: t.inputs for l, t in traces.items()})
+        self.poisoned = None if poisoned is None else (poisoned, nonfinite_tokens(traces[poisoned].inputs))
+        clean = [l for l in traces if poisoned is None or l < poisoned]
+        self.cross = cross_layer_accumulators({l: routing_of(model, traces[l])[1:] for l in clean}, shard,
+                                              model.num_experts, opts.seed) if opts.stats else {}
+        self.layers = [l for l in todo if l in clean]
+        self.traces = {l: traces[l] for l in self.layers}
+        self.dense_traces = None if dense_model is None else \
+            _forward(dense_model, self.layers, shard.documents, opts, device, dtype, pad_id, False, progress)
+        self.keep = set(opts.intermediate_layers if opts.intermediate_layers is not None
+                        else default_intermediate_layers(model.moe_layers))
+
+    def accumulate(self, layer: int) -> LayerAccumulators:
+        """One layer's accumulators (its captured states are dropped)."""
+        return accumulate_layer(self.model, layer, self.traces.pop(layer), self.shard, self.opts, layer in self.keep,
+                                self.dense_model, None if self.dense_traces is None else self.dense_traces.pop(layer),
+                                self.compute, self.cross.get(layer))
+
+
+def _trace_here(model: MoEModel, dense_model: MoEModel | None, layers: list[int], todo: list[int], shard: Shard,
+                opts: TraceOptions, writer: RunWriter, pad_id: int, progress: bool) -> tuple[int, int] | None:
+    """Trace every document in this process, writing each layer as it is done; return ``poisoned``."""
+    traced = ShardTrace(model, dense_model, layers, todo, shard, opts, pad_id, progress)
+    for layer in tqdm(traced.layers, desc="experts", unit="layer", disable=not progress):
+        _write_layer(writer, model, traced.accumulate(layer), opts)
+    return traced.poisoned
+
+
+def _shard_task(job: tuple) -> tuple[dict[int, LayerAccumulators], tuple[int, int] | None]:
+    """Worker side of a sharded trace: one shard's forward pass and its layers' accumulators."""
+    path, dense, layers, todo, shard, opts, pad_id, threads = job
+    torch.set_num_threads(threads)
+    model, dense_model = open_model(path), (open_model(dense) if dense is not None else None)
+    traced = ShardTrace(model, dense_model, layers, todo, shard, opts, pad_id, progress=False)
+    return {layer: traced.accumulate(layer) for layer in traced.layers}, traced.poisoned
+
+
+def _trace_sharded(model: MoEModel, dense_model: MoEModel | None, layers: list[int], todo: list[int],
+                   shards: list[Shard], opts: TraceOptions, writer: RunWriter, pad_id: int, progress: bool,
+                   ray: str | None) -> tuple[int, int] | None:
+    """Trace the shards in parallel workers, merge each layer's accumulators in document order and write it once
+    all shards are in; return ``poisoned`` over all shards (the first such layer, its non-finite tokens)."""
+    dense = None if dense_model is None else str(dense_model.checkpoint.path)
+    threads = worker_threads(len(shards))
+    jobs = [(str(model.checkpoint.path), dense, layers, todo, shard, opts, pad_id, threads) for shard in shards]
+    with process_pool(len(shards), ray) as pool:
+        parts = list(tqdm(pool.imap(_shard_task, jobs), total=len(jobs), desc="shards", unit="shard",
+                          disable=not progress))
+    for layer in todo:
+        if all(layer in accumulators for accumulators, _ in parts):   # before the first poisoned layer
+            _write_layer(writer, model, functools.reduce(LayerAccumulators.merge, [p[0][layer] for p in parts]), opts)
+    poisoned = [p for _, p in parts if p is not None]
+    if not poisoned:
+        return None
+    first = min(layer for layer, _ in poisoned)
+    return first, sum(count for layer, count in poisoned if layer == first)
+
+
+def _write_layer(writer: RunWriter, model: MoEModel, acc: LayerAccumulators, opts: TraceOptions) -> None:
+    tables, tensors = layer_results(model, acc, opts)
+    tolerance = 1e-3 if resolve_dtype(opts.dtype, resolve_device(opts.device)) == torch.float32 else 5e-2
+    if tables["reconstruction_error"] > tolerance:
+        warnings.warn(f"layer {acc.layer}: the recomputed experts rebuild the model's MoE output only to a "
+                      f"relative error of {tables['reconstruction_error']:.2g}; the family description may "
+                      "not match this model's expert computation", stacklevel=3)
+    writer.write_layer(acc.layer, tables, tensors)
 
 
 def _forward(model: MoEModel, layers: list[int], documents: list[Document], opts: TraceOptions, device: str,

@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
 from ..errors import ConfigError, OptionsError
+from ..parallel import check_workers, process_pool, worker_threads
 from ..results import RunWriter, config_hash, load_results, Results
 from ..validate import MemberHealth, scan_layer
 from .regression import gate_embedding_similarity, similarity_regression
@@ -213,20 +214,6 @@ def _layer_task(job: tuple) -> int:
     return layer
 
 
-def _pool(workers: int, ray: str | None):
-    """A process pool: Ray's (``ray``: "local" starts a local cluster, else a cluster address) or the stdlib's."""
-    if ray is not None:
-        try:
-            from ray.util.multiprocessing import Pool
-        except ImportError:
-            raise OptionsError("--ray needs Ray installed (pip install 'ray[default]'); without it, use --workers N "
-                               "for a local process pool") from None
-        return Pool(processes=workers, ray_address=None if ray == "local" else ray)
-    import multiprocessing
-
-    return multiprocessing.get_context("spawn").Pool(workers)
-
-
 def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Path = "moescope-runs/weights",
             options: WeightsOptions | None = None, resume: bool = True, progress: bool = True,
             workers: int = 1, ray: str | None = None) -> Results:
@@ -245,8 +232,7 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     bad = [l for l in layers if l not in model.moe_layers]
     if bad:
         raise OptionsError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
-    if workers < 1:
-        raise OptionsError(f"--workers must be at least 1, got {workers}")
+    check_workers(workers, ray)
     if dense_model is not None:
         check_dense_model(model, dense_model, layers)
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
@@ -257,10 +243,10 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
                             checkpoint, resume=resume)
     todo = [l for l in layers if not writer.done(l)]
     if workers > 1 and len(todo) > 1:
-        threads = max(1, torch.get_num_threads() // workers)
+        threads = worker_threads(workers)
         jobs = [(str(model.checkpoint.path), None if dense is None else str(dense_model.checkpoint.path),
                  str(writer.out), writer.manifest, layer, opts, threads) for layer in todo]
-        with _pool(min(workers, len(todo)), ray) as pool:
+        with process_pool(min(workers, len(todo)), ray) as pool:
             for _ in tqdm(pool.imap_unordered(_layer_task, jobs), total=len(jobs), desc="weights", unit="layer",
                           disable=not progress):
                 pass
