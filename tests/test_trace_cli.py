@@ -86,11 +86,14 @@ def test_workers_trace_shards_whose_merged_results_equal_one_process(tiny, tmp_p
     assert_same_results(one, two)
 
 
-def test_ray_not_installed_is_a_clear_error(tiny, tmp_path, capsys, monkeypatch):
-    monkeypatch.setitem(sys.modules, "ray", None)   # import ray -> ImportError
-    assert main(["trace", str(tiny("mixtral").path), "--builtin", "short", "--out", str(tmp_path / "r"),
-                 "--workers", "2", "--ray"]) == 2
-    assert "--ray needs Ray installed" in capsys.readouterr().err
+@pytest.mark.parametrize("module, args, message", [
+    ("ray", ["--workers", "2", "--ray"], "--ray needs Ray installed"),
+    ("accelerate", ["--device", "map"], "pip install accelerate"),
+])
+def test_missing_optional_package_is_a_clear_error(tiny, tmp_path, capsys, monkeypatch, module, args, message):
+    monkeypatch.setitem(sys.modules, module, None)   # import it -> ImportError
+    assert main(["trace", str(tiny("mixtral").path), "--builtin", "short", "--out", str(tmp_path / "r"), *args]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_missing_tokenizer_and_dense_checks(tiny, tmp_path, capsys):

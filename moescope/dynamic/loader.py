@@ -9,7 +9,7 @@ from typing import Iterator
 import torch
 
 from ..arch.adapter import MoEModel
-from ..errors import ConfigError, CorruptCheckpointError, MoescopeError
+from ..errors import ConfigError, CorruptCheckpointError, MoescopeError, OptionsError
 
 
 @contextmanager
@@ -62,6 +62,12 @@ def load_model(model: MoEModel, device: str = "cpu", dtype: torch.dtype = torch.
     """The model in eval mode on ``device`` (``map``: spread over devices with accelerate's ``device_map``)."""
     cls = model_class(model)
     kwargs = {"device_map": "auto"} if device == "map" else {}
+    if device == "map":
+        try:
+            import accelerate  # noqa: F401  (transformers' device_map needs it)
+        except ImportError:
+            raise OptionsError("--device map spreads the model over the GPUs and CPU memory with accelerate's "
+                               "device_map: pip install accelerate") from None
     path = str(model.checkpoint.path)
     try:
         with quiet_transformers():
