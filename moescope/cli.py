@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-neuron-level", action="store_true", help="skip neuron matching (the expensive part)")
     p.add_argument("--pairs", default="all", help="member pairs to match: all | sample:N | top:K")
     p.add_argument("--pca-components", type=int, default=3)
-    p.add_argument("--memory-budget", default="2G", help="bytes for one streamed chunk of a layer (e.g. 512M, 2G)")
+    p.add_argument("--memory-budget", default="2G", help="memory for one streamed chunk of a layer and for the similarity matrices of pairs matched at once (e.g. 512M, 2G; more lets more pairs run in parallel)")
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.add_argument("--workers", type=int, default=1, help="analyse layers in N parallel processes")

@@ -10,6 +10,7 @@ from scipy.optimize import linear_sum_assignment
 import moescope
 from moescope.arch import open_model
 from moescope.cli import main
+from moescope.static import run as static_run
 from moescope.static.run import WeightsOptions
 
 
@@ -270,6 +271,20 @@ def test_parallel_workers_give_the_single_process_results(tiny, tmp_path):
     one = moescope.weights(built.path, out=tmp_path / "one", options=opts, progress=False)
     two = moescope.weights(built.path, out=tmp_path / "two", options=opts, progress=False, workers=2)
     assert two.layers == one.layers == [0, 1, 2]
+    _assert_same_results(one, two)
+
+
+def test_pairs_matched_in_threads_give_the_sequential_results(tiny, tmp_path, monkeypatch):
+    built = tiny("deepseek", dtype="float32")
+    opts = WeightsOptions(matrices=("up",), layers=[1])
+    one = moescope.weights(built.path, out=tmp_path / "one", options=opts, progress=False)
+    monkeypatch.setattr(static_run, "_pair_workers", lambda *args: 3)
+    three = moescope.weights(built.path, out=tmp_path / "three", options=opts, progress=False)
+    assert len(three["layer1.up.permutations"]) >= 6
+    _assert_same_results(one, three)
+
+
+def _assert_same_results(one, two):
     for key in one.keys():
         a, b = one[key], two[key]
         if isinstance(a, torch.Tensor):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,9 +32,42 @@ def _assign(score_matrix: Tensor, maximize: bool = True) -> Assignment:
     if score_matrix.ndim != 2 or 0 in score_matrix.shape:
         raise ValueError(f"solve_assignment needs a non-empty 2-D score matrix, got {tuple(score_matrix.shape)}")
     try:  # linear_assignment takes float32 or float64 as they are and rejects NaN / inf itself
-        return linear_assignment(score_matrix.detach().cpu().numpy(), maximize=maximize)
+        with host_copy(score_matrix.detach()) as host:
+            return linear_assignment(host.numpy(), maximize=maximize)
     except AssignmentInputError as exc:
         raise ValueError(f"solve_assignment: {exc}") from None
+
+
+_free_pinned: list[Tensor] = []  # page-locked byte buffers, reused from pair to pair
+_pinned_lock = threading.Lock()
+
+
+@contextmanager
+def host_copy(t: Tensor) -> Iterator[Tensor]:
+    """``t`` on the CPU. A GPU matrix is copied into reused page-locked memory: a pageable copy of a large
+    similarity matrix is ~30x slower and serialises the threads that match pairs at once."""
+    if t.device.type != "cuda":
+        yield t.cpu()
+        return
+    nbytes = t.numel() * t.element_size()
+    with _pinned_lock:
+        fits = [b for b in _free_pinned if b.numel() >= nbytes]
+        buffer = min(fits, key=Tensor.numel) if fits else None
+        if buffer is not None:
+            _free_pinned.remove(buffer)
+    if buffer is None:
+        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    try:
+        yield buffer[:nbytes].view(t.dtype).view(t.shape).copy_(t)
+    finally:
+        with _pinned_lock:
+            _free_pinned.append(buffer)
+
+
+def release_host_buffers() -> None:
+    """Free the page-locked buffers kept by ``host_copy``."""
+    with _pinned_lock:
+        _free_pinned.clear()
 
 
 def kendall_tau_b(x: Tensor | np.ndarray, y: Tensor | np.ndarray | None = None) -> float:

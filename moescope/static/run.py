@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -16,7 +18,7 @@ from ..errors import ConfigError, OptionsError
 from ..results import RunWriter, config_hash, load_results, Results
 from ..validate import MemberHealth, scan_layer
 from .regression import gate_embedding_similarity, similarity_regression
-from .reorder import reorder_pair
+from .reorder import ReorderResult, release_host_buffers, reorder_pair
 from .stream import MemberCache, stream_layer, streamed_neuron_pca
 
 
@@ -87,8 +89,8 @@ def _matrix_level(model: MoEModel, layer: int, matrix: str, labels: list[str], w
     return tables, tensors
 
 
-def _neuron_level(labels: list[str], load, flat: torch.Tensor, matrix: str, opts: WeightsOptions,
-                  dtype) -> tuple[dict, dict]:
+def _neuron_level(labels: list[str], widths: list[int], load, flat: torch.Tensor, matrix: str,
+                  opts: WeightsOptions, dtype) -> tuple[dict, dict]:
     """Neuron matching of the chosen member pairs and neuron-level PCA, holding few members at a time."""
     n = len(labels)
     cache = MemberCache(load, opts.memory_budget)
@@ -96,8 +98,8 @@ def _neuron_level(labels: list[str], load, flat: torch.Tensor, matrix: str, opts
     for i in range(n):
         reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
     tensors, sides, solvers = {}, {}, {}
-    for a, b in select_pairs(flat, opts.pairs, opts.seed):
-        r = reorder_pair(cache[a], cache[b], matrix, dtype=dtype)
+    pairs = select_pairs(flat, opts.pairs, opts.seed)
+    for (a, b), r in zip(pairs, _match_pairs(pairs, cache, matrix, dtype, _pair_workers(pairs, widths, opts))):
         reordered[a, b] = reordered[b, a] = r.cosine
         matched[a, b] = matched[b, a] = r.mean_matched
         tau[a, b] = tau[b, a] = r.tau
@@ -109,6 +111,37 @@ def _neuron_level(labels: list[str], load, flat: torch.Tensor, matrix: str, opts
     tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau,
                    pca_neuron=coords, pca_neuron_evr=evr)
     return {"permutation_side": sides, "assignment": solvers}, tensors
+
+
+def _match_pairs(pairs: list[tuple[int, int]], cache: MemberCache, matrix: str, dtype,
+                 workers: int) -> Iterator[ReorderResult]:
+    """``reorder_pair`` of every pair, in order, ``workers`` pairs at once in threads (the assignment solver
+    releases the GIL and is serial at its core); members are fetched in this thread."""
+    try:
+        if workers == 1:
+            yield from (reorder_pair(cache[a], cache[b], matrix, dtype=dtype) for a, b in pairs)
+            return
+        with ThreadPoolExecutor(workers) as pool:
+            pending: deque = deque()
+            for a, b in pairs:
+                pending.append(pool.submit(reorder_pair, cache[a], cache[b], matrix, dtype=dtype))
+                if len(pending) > workers:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        release_host_buffers()
+
+
+def _pair_workers(pairs: list[tuple[int, int]], widths: list[int], opts: WeightsOptions) -> int:
+    """Pairs matched at once: as many similarity matrices as fit in the memory budget (on a GPU each has a
+    page-locked host copy too), with two of torch's threads per pair on a GPU and four on the CPU, at most 8."""
+    if not pairs:
+        return 1
+    gpu = torch.cuda.is_available()
+    largest = max(widths[a] * widths[b] for a, b in pairs) * getattr(torch, opts.dtype).itemsize * (2 if gpu else 1)
+    cores = torch.get_num_threads() // (2 if gpu else 4)
+    return max(1, min(8, cores, opts.memory_budget // largest))
 
 
 def _member_loader(model: MoEModel, layer: int, matrix: str, labels: list[str], widths: list[int],
@@ -166,7 +199,7 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
                                 (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
         if opts.neuron_level:
             load = _member_loader(model, layer, m, kept_labels, kept_widths, dense_matrix, device)
-            t2, x2 = _neuron_level(kept_labels, load, x["matrix_similarity"], m, opts, dtype)
+            t2, x2 = _neuron_level(kept_labels, kept_widths, load, x["matrix_similarity"], m, opts, dtype)
             t.update(t2)
             x.update(x2)
         for key in ("matrix_similarity", "neuron_avg_similarity", "reordered_matrix_similarity",
