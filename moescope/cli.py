@@ -8,6 +8,9 @@ import sys
 from ._version import __version__
 from .errors import MoescopeError, OptionsError
 
+_MATCH_HELP = ("neuron matching of a pair: each (every matrix separately, as the study) | gate | up | down (once on "
+               "that matrix) | concat (once on all matrices' unit neuron vectors); one matching serves all matrices")
+
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from .arch import open_model
@@ -15,14 +18,16 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
 
     model = open_model(args.path, args.family)
     facts = describe(model)
-    plan = matching_plan(model, args.pairs)
+    plan = matching_plan(model, args.pairs, match=args.match)
     if args.json:
         print(json.dumps({**facts.to_dict(), "neuron_matching": plan}, indent=2))
         return
     print(format_facts(facts))
     if plan["assignments"]:
-        print(f"matching     --pairs {plan['pairs']}: {plan['assignments']} neuron assignments "
-              f"(gate/up/down x member pairs x MoE layers), roughly {_duration(plan['estimated_seconds'])} here")
+        match = "" if args.match == "each" else f" --match {args.match}"
+        print(f"matching     --pairs {plan['pairs']}{match}: {plan['assignments']} neuron assignments "
+              f"({'gate/up/down x ' if args.match == 'each' else ''}member pairs x MoE layers), "
+              f"roughly {_duration(plan['estimated_seconds'])} here")
 
 
 def _cmd_families(args: argparse.Namespace) -> None:
@@ -50,7 +55,7 @@ def _cmd_weights(args: argparse.Namespace) -> None:
 
     layers = None if args.layers in (None, "all") else _parse_layers(args.layers)
     options = WeightsOptions(layers=layers, matrices=tuple(args.matrices.split(",")),
-                             neuron_level=not args.no_neuron_level, pairs=args.pairs,
+                             neuron_level=not args.no_neuron_level, pairs=args.pairs, match=args.match,
                              pca_components=args.pca_components, memory_budget=_parse_bytes(args.memory_budget))
     results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume,
                       workers=args.workers, ray=args.ray)
@@ -212,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--family", help="force a family instead of detecting it from config.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--pairs", default="all", help="neuron-matching pairs to plan for: all | sample:N | top:K")
+    p.add_argument("--match", default="each", help=_MATCH_HELP)
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("families", help="list supported model families")
@@ -226,8 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--matrices", default="gate,up,down", help="comma-separated subset of gate,up,down")
     p.add_argument("--no-neuron-level", action="store_true", help="skip neuron matching (the expensive part)")
     p.add_argument("--pairs", default="all", help="member pairs to match: all | sample:N | top:K")
+    p.add_argument("--match", default="each", help=_MATCH_HELP)
     p.add_argument("--pca-components", type=int, default=3)
-    p.add_argument("--memory-budget", default="2G", help="memory for one streamed chunk of a layer and for the similarity matrices of pairs matched at once (e.g. 512M, 2G; more lets more pairs run in parallel)")
+    p.add_argument("--memory-budget", default="2G", help="memory for one streamed chunk of a layer and for the "
+                   "similarity matrices of pairs matched at once (e.g. 512M, 2G; more lets more pairs run in parallel)")
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.add_argument("--workers", type=int, default=1, help="analyse layers in N parallel processes")

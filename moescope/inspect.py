@@ -129,8 +129,9 @@ def format_facts(f: ModelFacts) -> str:
     return "\n".join(lines)
 
 
-def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -> dict:
-    """How many neuron assignments `moescope weights --pairs PAIRS` solves, and a rough time estimate.
+def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True, match: str = "each") -> dict:
+    """How many neuron assignments `moescope weights --pairs PAIRS --match MATCH` solves, and a rough time
+    estimate (``match`` other than "each" solves one assignment per pair for all three matrices).
 
     The estimate times one assignment of a structured problem (up to 512 neurons) here and scales it by
     ``(width / n) ** 2.5`` per assignment (scipy's solver on near-permutation similarity matrices).
@@ -139,9 +140,10 @@ def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -
         return {"pairs": pairs, "assignments": 0, "estimated_seconds": 0.0}
     from .static.run import WeightsOptions, select_pairs  # the same pair choice `weights` makes
 
-    WeightsOptions(pairs=pairs)  # validates the spec
+    WeightsOptions(pairs=pairs, match=match)  # validates the spec
     members = len(model.member_labels(model.moe_layers[0]))
-    assignments = len(select_pairs(torch.zeros(members, members), pairs)) * 3 * len(model.moe_layers)
+    per_pair = 3 if match == "each" else 1
+    assignments = len(select_pairs(torch.zeros(members, members), pairs)) * per_pair * len(model.moe_layers)
     seconds = None
     if calibrate:
         import time

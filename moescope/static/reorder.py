@@ -5,7 +5,7 @@ import math
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ from scipy.stats import kendalltau
 from torch import Tensor
 
 from .assignment import Assignment, AssignmentInputError, linear_assignment
-from .similarity import cosine_matrix, neuron_pair
+from .similarity import cosine_matrix, neuron_pair, paired_cosines
 
 
 def solve_assignment(score_matrix: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
@@ -104,17 +104,49 @@ class ReorderResult:
     certified: bool = False
 
 
+@dataclass(frozen=True)
+class Matching:
+    """One-to-one neuron matching of two members: ``col[i]`` is the partner of neuron i of ``side`` ('a' when
+    n_a <= n_b, else 'b'), found by ``solver`` (``certified``: proved optimal by dual potentials)."""
+
+    side: str
+    col: Tensor
+    solver: str
+    certified: bool
+
+
+def match_members(pairs: Sequence[tuple[Tensor, Tensor, str]], *, dtype: torch.dtype = torch.float32) -> Matching:
+    """Best neuron matching of members a and b on one or more matrices, given as ``(wa, wb, matrix)``.
+
+    The score of neurons (i, r) is their cosine averaged over the matrices: the cosine of neuron vectors
+    made by concatenating each matrix's unit neuron vector. With one matrix it is the study's matching.
+    """
+    score, side = None, None
+    for wa, wb, matrix in pairs:
+        va, vb = neuron_pair(wa, wb, matrix)
+        side = "a" if va.shape[0] <= vb.shape[0] else "b"
+        small, large = (va, vb) if side == "a" else (vb, va)
+        c = cosine_matrix(small, large, dtype=dtype)
+        score = c if score is None else score.add_(c)
+    if len(pairs) > 1:
+        score /= len(pairs)
+    found = _assign(score, maximize=True)
+    return Matching(side, torch.as_tensor(found.col_ind, device=score.device), found.solver, found.certified)
+
+
+def apply_matching(wa: Tensor, wb: Tensor, matrix: str, matching: Matching, *,
+                   dtype: torch.dtype = torch.float32) -> ReorderResult:
+    """What ``matching`` reveals for one ``matrix`` of members a and b (see ``ReorderResult``)."""
+    va, vb = neuron_pair(wa, wb, matrix)
+    small, large = (va, vb) if matching.side == "a" else (vb, va)
+    partners = large[matching.col]
+    matched_cos = paired_cosines(small, partners, dtype=dtype)
+    cosine = cosine_matrix(small.reshape(1, -1), partners.reshape(1, -1), dtype=dtype)
+    return ReorderResult(side=matching.side, n_a=va.shape[0], n_b=vb.shape[0], col=matching.col.clone(),
+                         matched_cos=matched_cos, cosine=float(cosine), mean_matched=float(matched_cos.double().mean()),
+                         tau=kendall_tau_b(matching.col), solver=matching.solver, certified=matching.certified)
+
+
 def reorder_pair(wa: Tensor, wb: Tensor, matrix: str, *, dtype: torch.dtype = torch.float32) -> ReorderResult:
     """Match the neurons of members a and b (one ``matrix`` each, canonical orientation) one to one."""
-    va, vb = neuron_pair(wa, wb, matrix)
-    side = "a" if va.shape[0] <= vb.shape[0] else "b"
-    small, large = (va, vb) if side == "a" else (vb, va)
-    c = cosine_matrix(small, large, dtype=dtype)
-    found = _assign(c, maximize=True)
-    col = torch.as_tensor(found.col_ind, device=c.device)
-    matched_cos = c[torch.arange(c.shape[0], device=c.device), col]
-    del c
-    cosine = cosine_matrix(small.reshape(1, -1), large[col].reshape(1, -1), dtype=dtype)
-    return ReorderResult(side=side, n_a=va.shape[0], n_b=vb.shape[0], col=col, matched_cos=matched_cos,
-                         cosine=float(cosine), mean_matched=float(matched_cos.double().mean()), tau=kendall_tau_b(col),
-                         solver=found.solver, certified=found.certified)
+    return apply_matching(wa, wb, matrix, match_members([(wa, wb, matrix)], dtype=dtype), dtype=dtype)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import random
+import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
@@ -18,7 +19,7 @@ from ..errors import ConfigError, OptionsError
 from ..results import RunWriter, config_hash, load_results, Results
 from ..validate import MemberHealth, scan_layer
 from .regression import gate_embedding_similarity, similarity_regression
-from .reorder import ReorderResult, release_host_buffers, reorder_pair
+from .reorder import Matching, ReorderResult, apply_matching, match_members, release_host_buffers, reorder_pair
 from .stream import MemberCache, stream_layer, streamed_neuron_pca
 
 
@@ -32,6 +33,8 @@ class WeightsOptions:
     pairs: str = "all"                       # all | sample:N | top:K (by matrix-level similarity)
     pca_components: int = 3
     seed: int = 0
+    match: str = "each"                      # each: match every matrix separately (the study); gate | up |
+                                             # down: match once on that matrix; concat: once on all matrices
     dtype: str = "float64"                   # accumulation dtype of neuron-level analyses
     memory_budget: int = 2 << 30             # bytes for one streamed chunk of a layer (matrix-level pass)
 
@@ -39,6 +42,8 @@ class WeightsOptions:
         bad = [m for m in self.matrices if m not in MATRICES]
         if bad:
             raise OptionsError(f"unknown matrices {bad}; choose from {list(MATRICES)}")
+        if self.match not in ("each", "concat", *MATRICES):
+            raise OptionsError(f"--match must be 'each', 'concat' or one of {list(MATRICES)}, got {self.match!r}")
         kind, _, n = self.pairs.partition(":")
         if kind not in ("all", "sample", "top") or (kind != "all" and not n.isdigit()):
             raise OptionsError(f"--pairs must be 'all', 'sample:N' or 'top:K', got {self.pairs!r}")
@@ -90,8 +95,15 @@ def _matrix_level(model: MoEModel, layer: int, matrix: str, labels: list[str], w
 
 
 def _neuron_level(labels: list[str], widths: list[int], load, flat: torch.Tensor, matrix: str,
-                  opts: WeightsOptions, dtype) -> tuple[dict, dict]:
-    """Neuron matching of the chosen member pairs and neuron-level PCA, holding few members at a time."""
+                  opts: WeightsOptions, dtype, shared: "SharedMatcher | None") -> tuple[dict, dict]:
+    """Neuron matching of the chosen member pairs and neuron-level PCA, holding few members at a time.
+    With ``shared``, every pair's matching comes from it instead of this matrix's own neuron cosines."""
+    if shared is None:
+        def solve(a, b, wa, wb):
+            return reorder_pair(wa, wb, matrix, dtype=dtype)
+    else:
+        def solve(a, b, wa, wb):
+            return apply_matching(wa, wb, matrix, shared(labels[a], labels[b]), dtype=dtype)
     n = len(labels)
     cache = MemberCache(load, opts.memory_budget)
     reordered, matched, tau = (torch.full((n, n), math.nan, dtype=torch.float64) for _ in range(3))
@@ -99,38 +111,74 @@ def _neuron_level(labels: list[str], widths: list[int], load, flat: torch.Tensor
         reordered[i, i] = matched[i, i] = tau[i, i] = 1.0
     tensors, sides, solvers = {}, {}, {}
     pairs = select_pairs(flat, opts.pairs, opts.seed)
-    for (a, b), r in zip(pairs, _match_pairs(pairs, cache, matrix, dtype, _pair_workers(pairs, widths, opts))):
+    for (a, b), r in zip(pairs, _match_pairs(pairs, cache, solve, _pair_workers(pairs, widths, opts))):
         reordered[a, b] = reordered[b, a] = r.cosine
         matched[a, b] = matched[b, a] = r.mean_matched
         tau[a, b] = tau[b, a] = r.tau
         pair = f"{labels[a]}-{labels[b]}"
         tensors[f"permutations.{pair}"] = r.col
         sides[pair] = labels[a] if r.side == "a" else labels[b]
-        solvers[pair] = {"solver": r.solver, "certified": r.certified}
+        solvers[pair] = {"solver": r.solver, "certified": r.certified, "matched_on": opts.match}
     coords, evr = streamed_neuron_pca(cache.__getitem__, n, matrix, k=opts.pca_components)
     tensors.update(reordered_matrix_similarity=reordered, matched_neuron_similarity=matched, kendall_tau=tau,
                    pca_neuron=coords, pca_neuron_evr=evr)
     return {"permutation_side": sides, "assignment": solvers}, tensors
 
 
-def _match_pairs(pairs: list[tuple[int, int]], cache: MemberCache, matrix: str, dtype,
+def _match_pairs(pairs: list[tuple[int, int]], cache: MemberCache, solve,
                  workers: int) -> Iterator[ReorderResult]:
-    """``reorder_pair`` of every pair, in order, ``workers`` pairs at once in threads (the assignment solver
-    releases the GIL and is serial at its core); members are fetched in this thread."""
+    """``solve(a, b, member a, member b)`` of every pair, in order, ``workers`` pairs at once in threads (the
+    assignment solver releases the GIL and is serial at its core); members are fetched in this thread."""
     try:
         if workers == 1:
-            yield from (reorder_pair(cache[a], cache[b], matrix, dtype=dtype) for a, b in pairs)
+            yield from (solve(a, b, cache[a], cache[b]) for a, b in pairs)
             return
         with ThreadPoolExecutor(workers) as pool:
             pending: deque = deque()
             for a, b in pairs:
-                pending.append(pool.submit(reorder_pair, cache[a], cache[b], matrix, dtype=dtype))
+                pending.append(pool.submit(solve, a, b, cache[a], cache[b]))
                 if len(pending) > workers:
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
     finally:
         release_host_buffers()
+
+
+class SharedMatcher:
+    """Neuron matchings of member pairs on ``opts.match`` (one matrix, or every analysed matrix with
+    ``concat``), each computed once per layer and applied to all matrices."""
+
+    def __init__(self, model: MoEModel, dense_model: MoEModel | None, layer: int, opts: WeightsOptions, device,
+                 dtype):
+        labels, widths = _layer_members(model, dense_model, layer)
+        on = list(opts.matrices) if opts.match == "concat" else [opts.match]
+        self.index = {label: i for i, label in enumerate(labels)}
+        self.caches = {m: MemberCache(_member_loader(model, layer, m, labels, widths,
+                                                     _dense_matrix(dense_model, layer, m, device), device),
+                                      opts.memory_budget // len(on)) for m in on}
+        self.dtype, self.lock, self.found = dtype, threading.Lock(), {}
+
+    def __call__(self, label_a: str, label_b: str) -> Matching:
+        key = (label_a, label_b)
+        if key not in self.found:
+            with self.lock:  # members are read one pair at a time
+                pairs = [(cache[self.index[label_a]], cache[self.index[label_b]], m)
+                         for m, cache in self.caches.items()]
+            self.found[key] = match_members(pairs, dtype=self.dtype)
+        return self.found[key]
+
+
+def _layer_members(model: MoEModel, dense_model: MoEModel | None, layer: int) -> tuple[list[str], list[int]]:
+    """Labels and widths of a layer's members, with the dense model's FFN as F when given."""
+    labels, widths = model.member_labels(layer), model.member_widths(layer)
+    if dense_model is None:
+        return labels, widths
+    return labels + ["F"], widths + [dense_model.dense_width]
+
+
+def _dense_matrix(dense_model: MoEModel | None, layer: int, matrix: str, device) -> torch.Tensor | None:
+    return None if dense_model is None else dense_model.dense_ffn(layer, matrix).to(device)
 
 
 def _pair_workers(pairs: list[tuple[int, int]], widths: list[int], opts: WeightsOptions) -> int:
@@ -182,12 +230,11 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
     router_sim = gate_embedding_similarity(model.router(layer).to(device), dtype=dtype)
     tables: dict = {"dense_layers_skipped": model.dense_layers}
     tensors = {"router_similarity": router_sim.cpu()}
+    shared = SharedMatcher(model, dense_model, layer, opts, device, dtype) \
+        if opts.neuron_level and opts.match != "each" else None
     for m in opts.matrices:
-        labels, widths = model.member_labels(layer), model.member_widths(layer)
-        dense_matrix = None
-        if dense_model is not None:
-            dense_matrix = dense_model.dense_ffn(layer, m).to(device)
-            labels, widths = labels + ["F"], widths + [dense_model.dense_width]
+        labels, widths = _layer_members(model, dense_model, layer)
+        dense_matrix = _dense_matrix(dense_model, layer, m, device)
         health, t, x = _checked_matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
         keep = health.keep
         kept_labels, kept_widths = [labels[i] for i in keep], [widths[i] for i in keep]
@@ -199,7 +246,8 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
                                 (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
         if opts.neuron_level:
             load = _member_loader(model, layer, m, kept_labels, kept_widths, dense_matrix, device)
-            t2, x2 = _neuron_level(kept_labels, kept_widths, load, x["matrix_similarity"], m, opts, dtype)
+            t2, x2 = _neuron_level(kept_labels, kept_widths, load, x["matrix_similarity"], m, opts, dtype,
+                                   shared)
             t.update(t2)
             x.update(x2)
         for key in ("matrix_similarity", "neuron_avg_similarity", "reordered_matrix_similarity",

@@ -83,6 +83,14 @@ def _row_norms(x: Tensor) -> Tensor:
     return sq.sqrt()
 
 
+def paired_cosines(x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Cosine of row i of ``x`` with row i of ``y`` [N, D], for every i (float64 accumulation): [N]."""
+    dots = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for cols in column_blocks(x.shape[1], 2 * x.shape[0]):
+        dots += torch.linalg.vecdot(x[:, cols].double(), y[:, cols].double())
+    return (dots / (_nonzero(_row_norms(x)) * _nonzero(_row_norms(y)))).clamp_(-1.0, 1.0).to(check_dtype(dtype))
+
+
 def column_blocks(length: int, rows: int) -> Iterator[slice]:
     """Slices cutting an axis of ``length`` into blocks of about ``BLOCK_ELEMS`` elements (``rows`` wide)."""
     step = max(1, BLOCK_ELEMS // max(rows, 1))
