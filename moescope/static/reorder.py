@@ -50,18 +50,21 @@ def host_copy(t: Tensor) -> Iterator[Tensor]:
         yield t.cpu()
         return
     nbytes = t.numel() * t.element_size()
-    with _pinned_lock:
-        fits = [b for b in _free_pinned if b.numel() >= nbytes]
-        buffer = min(fits, key=Tensor.numel) if fits else None
-        if buffer is not None:
-            _free_pinned.remove(buffer)
-    if buffer is None:
-        buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+    buffer = take_host_buffer(nbytes)
     try:
         yield buffer[:nbytes].view(t.dtype).view(t.shape).copy_(t)
     finally:
         with _pinned_lock:
             _free_pinned.append(buffer)
+
+
+def take_host_buffer(nbytes: int) -> Tensor:
+    """The smallest free kept buffer of at least ``nbytes`` bytes, else a new one (page-locked with CUDA)."""
+    with _pinned_lock:  # by position: tensors do not compare as values
+        fits = [i for i, b in enumerate(_free_pinned) if b.numel() >= nbytes]
+        if fits:
+            return _free_pinned.pop(min(fits, key=lambda i: _free_pinned[i].numel()))
+    return torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
 
 
 def release_host_buffers() -> None:
