@@ -16,7 +16,7 @@ def _cmd_inspect(args: argparse.Namespace) -> None:
     from .arch import open_model
     from .inspect import describe, format_facts, matching_plan
 
-    model = open_model(args.path, args.family)
+    model = open_model(args.path, args.family, download=args.download)
     facts = describe(model)
     plan = matching_plan(model, args.pairs, match=args.match)
     if args.json:
@@ -58,7 +58,7 @@ def _cmd_weights(args: argparse.Namespace) -> None:
                              neuron_level=not args.no_neuron_level, pairs=args.pairs, match=args.match,
                              pca_components=args.pca_components, memory_budget=_parse_bytes(args.memory_budget))
     results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume,
-                      workers=args.workers, ray=args.ray)
+                      workers=args.workers, ray=args.ray, download=args.download, evict=args.evict)
     r2 = results.summary.get("gate_r2_mean", {})
     print(f"wrote {len(results.layers)} layer(s) to {results.path}")
     for m, kinds in r2.items():
@@ -213,7 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="family, layers, experts, routing, sizes and dtype of a checkpoint")
-    p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
+    p.add_argument("path", help="checkpoint directory or hub id (in the local Hugging Face cache, or see --download)")
+    p.add_argument("--download", action="store_true",
+                   help="PATH is a hub id: download config.json and the index, read shard headers remotely "
+                        "(no shard is downloaded)")
     p.add_argument("--family", help="force a family instead of detecting it from config.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--pairs", default="all", help="neuron-matching pairs to plan for: all | sample:N | top:K")
@@ -226,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weights", help="static analyses of expert weights (similarity, neuron matching, "
                                         "gate regression, PCA), layer by layer")
-    p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
+    p.add_argument("path", help="checkpoint directory or hub id (in the local Hugging Face cache, or see --download)")
     p.add_argument("--dense", help="a dense model whose FFN joins each layer as member 'F' (e.g. Mistral-7B)")
     p.add_argument("--layers", default="all", help="'all' (default) or a list like 0,3,8-11")
     p.add_argument("--matrices", default="gate,up,down", help="comma-separated subset of gate,up,down")
@@ -241,6 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1, help="analyse layers in N parallel processes")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run the --workers on Ray (a local cluster, or the cluster at ADDRESS)")
+    p.add_argument("--download", action="store_true",
+                   help="PATH (and --dense) may be hub ids: download each shard into the Hugging Face cache when a "
+                        "layer first reads it (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply)")
+    p.add_argument("--evict", action="store_true",
+                   help="with --download: delete each shard this run downloaded once no remaining layer needs it")
     p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("trace", help="dynamic analyses from one forward pass: expert outputs, norms vs router "

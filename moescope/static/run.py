@@ -289,9 +289,19 @@ def _layer_task(job: tuple) -> int:
     """Worker side of a parallel run: analyse one layer and write its files; return the layer."""
     path, dense, out, manifest, layer, opts, threads = job
     torch.set_num_threads(threads)
-    model, dense_model = open_model(path), (open_model(dense) if dense is not None else None)
+    model = open_model(**path)
+    dense_model = open_model(**dense) if dense is not None else None
     RunWriter(Path(out), manifest).write_layer(layer, *analyse_layer(model, dense_model, layer, opts))
     return layer
+
+
+def _reopen_args(model: MoEModel) -> dict:
+    """``open_model`` arguments that open ``model`` again in a worker: its directory, or the hub repo and commit
+    it streams."""
+    if model.checkpoint.hub is not None:
+        repo_id, commit = model.checkpoint.hub
+        return {"path_or_id": repo_id, "download": True, "revision": commit}
+    return {"path_or_id": str(model.checkpoint.path)}
 
 
 def _pool(workers: int, ray: str | None):
@@ -310,18 +320,23 @@ def _pool(workers: int, ray: str | None):
 
 def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Path = "moescope-runs/weights",
             options: WeightsOptions | None = None, resume: bool = True, progress: bool = True,
-            workers: int = 1, ray: str | None = None) -> Results:
+            workers: int = 1, ray: str | None = None, download: bool = False, evict: bool = False) -> Results:
     """Run the static analyses of PAPER.md on every MoE layer of ``path``; write and return the results.
 
     ``workers`` > 1 analyses layers in parallel processes (each streaming its own layers; ``ray`` runs them on a
     Ray cluster instead); every layer is written as it finishes, so any run can be resumed.
+    ``download`` streams hub ids (``path``, ``dense``): each shard is downloaded into the Hugging Face cache when
+    a layer first reads it; ``evict`` then deletes every shard it downloaded once no remaining layer needs it
+    (``moescope.hub_stream``).
     """
     opts = options or WeightsOptions()
-    model = open_model(path)
+    model = open_model(path, download=download)
     model.check()
-    dense_model = open_model(dense) if dense is not None else None
+    dense_model = open_model(dense, download=download) if dense is not None else None
     if dense_model is not None:
         dense_model.check()
+    if evict:
+        _check_evict([model, dense_model], workers)
     layers = model.moe_layers if opts.layers is None else opts.layers
     bad = [l for l in layers if l not in model.moe_layers]
     if bad:
@@ -337,9 +352,10 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     writer = RunWriter.open(out, "weights", {**asdict(opts), "layers": layers, "matrices": list(opts.matrices)},
                             checkpoint, resume=resume)
     todo = [l for l in layers if not writer.done(l)]
+    evictor = _evictor([model, dense_model], todo, opts.matrices) if evict else None
     if workers > 1 and len(todo) > 1:
         threads = max(1, torch.get_num_threads() // workers)
-        jobs = [(str(model.checkpoint.path), None if dense is None else str(dense_model.checkpoint.path),
+        jobs = [(_reopen_args(model), None if dense is None else _reopen_args(dense_model),
                  str(writer.out), writer.manifest, layer, opts, threads) for layer in todo]
         with _pool(min(workers, len(todo)), ray) as pool:
             for _ in tqdm(pool.imap_unordered(_layer_task, jobs), total=len(jobs), desc="weights", unit="layer",
@@ -350,9 +366,30 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
             for layer in todo:
                 bar.set_postfix(layer=layer)
                 writer.write_layer(layer, *analyse_layer(model, dense_model, layer, opts, lambda l, m: bar.update()))
+                if evictor is not None:
+                    evictor.layer_done(layer)
     results = load_results(writer.out)
     results.summary = writer.write_summary(_summary(results, model, opts))
     return results
+
+
+def _check_evict(models: list[MoEModel | None], workers: int) -> None:
+    """``--evict`` deletes only what ``--download`` fetches, and needs the one process that reads the shards."""
+    local = [str(m.checkpoint.path) for m in models if m is not None and not m.checkpoint.streamed]
+    if local:
+        raise OptionsError(f"--evict deletes shards that --download fetches from the hub, but '{local[0]}' is read "
+                           "from disk (a local directory, or --download is missing) and moescope never deletes "
+                           "those files. Add --download with a hub id, or drop --evict.")
+    if workers > 1:
+        raise OptionsError("--evict works with --workers 1: parallel workers read shards the main process cannot "
+                           "track. Drop --workers, or drop --evict if the disk holds the whole model.")
+
+
+def _evictor(models: list[MoEModel | None], layers: list[int], matrices: Sequence[str]):
+    """The ``--evict`` bookkeeping: which shards each remaining layer still reads."""
+    from ..hub_stream import ShardEvictor
+
+    return ShardEvictor(models, layers, matrices)
 
 
 def _summary(results: Results, model: MoEModel, opts: WeightsOptions) -> dict:
