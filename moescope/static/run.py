@@ -352,7 +352,8 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
     writer = RunWriter.open(out, "weights", {**asdict(opts), "layers": layers, "matrices": list(opts.matrices)},
                             checkpoint, resume=resume)
     todo = [l for l in layers if not writer.done(l)]
-    evictor = _evictor([model, dense_model], todo, opts.matrices) if evict else None
+    read = tuple(m for m in MATRICES if m in opts.matrices or m == opts.match)  # --match may read another
+    evictor = _evictor([model, dense_model], todo, read) if evict else None
     if workers > 1 and len(todo) > 1:
         threads = max(1, torch.get_num_threads() // workers)
         jobs = [(_reopen_args(model), None if dense is None else _reopen_args(dense_model),
