@@ -13,7 +13,7 @@ from scipy.stats import kendalltau
 from torch import Tensor
 
 from .assignment import Assignment, AssignmentInputError, linear_assignment
-from .similarity import cosine_matrix, neuron_pair, paired_cosines
+from .similarity import check_dtype, cosine_from_products, cosine_matrix, neuron_pair, row_products
 
 
 def solve_assignment(score_matrix: Tensor, maximize: bool = True) -> tuple[Tensor, Tensor]:
@@ -142,9 +142,9 @@ def apply_matching(wa: Tensor, wb: Tensor, matrix: str, matching: Matching, *,
     """What ``matching`` reveals for one ``matrix`` of members a and b (see ``ReorderResult``)."""
     va, vb = neuron_pair(wa, wb, matrix)
     small, large = (va, vb) if matching.side == "a" else (vb, va)
-    partners = large[matching.col]
-    matched_cos = paired_cosines(small, partners, dtype=dtype)
-    cosine = cosine_matrix(small.reshape(1, -1), partners.reshape(1, -1), dtype=dtype)
+    dot, xx, yy = row_products(small, large[matching.col])
+    matched_cos = cosine_from_products(dot, xx, yy).to(check_dtype(dtype))
+    cosine = cosine_from_products(dot.sum(), xx.sum(), yy.sum())  # of the flattened matrices, matched rows
     return ReorderResult(side=matching.side, n_a=va.shape[0], n_b=vb.shape[0], col=matching.col.clone(),
                          matched_cos=matched_cos, cosine=float(cosine), mean_matched=float(matched_cos.double().mean()),
                          tau=kendall_tau_b(matching.col), solver=matching.solver, certified=matching.certified)

@@ -83,12 +83,19 @@ def _row_norms(x: Tensor) -> Tensor:
     return sq.sqrt()
 
 
-def paired_cosines(x: Tensor, y: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Cosine of row i of ``x`` with row i of ``y`` [N, D], for every i (float64 accumulation): [N]."""
-    dots = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+def row_products(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For rows of ``x`` and ``y`` [N, D]: (x_i . y_i, |x_i|^2, |y_i|^2), accumulated in float64 in one pass."""
+    out = [torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for _ in range(3)]
     for cols in column_blocks(x.shape[1], 2 * x.shape[0]):
-        dots += torch.linalg.vecdot(x[:, cols].double(), y[:, cols].double())
-    return (dots / (_nonzero(_row_norms(x)) * _nonzero(_row_norms(y)))).clamp_(-1.0, 1.0).to(check_dtype(dtype))
+        bx, by = x[:, cols].double(), y[:, cols].double()
+        for acc, (u, v) in zip(out, ((bx, by), (bx, bx), (by, by))):
+            acc += torch.linalg.vecdot(u, v)
+    return out[0], out[1], out[2]
+
+
+def cosine_from_products(dot: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+    """Cosine from a dot product and squared norms (0 where a vector is zero), clamped to [-1, 1]."""
+    return (dot / (_nonzero(xx.sqrt()) * _nonzero(yy.sqrt()))).clamp(-1.0, 1.0)
 
 
 def column_blocks(length: int, rows: int) -> Iterator[slice]:
