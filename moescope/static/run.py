@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
 from ..errors import ConfigError, OptionsError
+from ..memory import check_fits, static_estimate
 from ..results import RunWriter, config_hash, load_results, Results
 from ..validate import MemberHealth, scan_layer
 from .regression import gate_embedding_similarity, similarity_regression
@@ -136,6 +137,11 @@ def check_dense_model(model: MoEModel, dense: MoEModel, layers: list[int]) -> No
                           "choose --layers below that or another dense model.")
 
 
+def compute_device() -> str:
+    """Where the static analyses compute: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
     fit = similarity_regression(expert_sim, router_sim)
     return {"r": fit.r, "r2": fit.r2, "slope": fit.slope, "intercept": fit.intercept, "n_pairs": fit.n_pairs}
@@ -145,7 +151,7 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
                   on_matrix=None) -> tuple[dict, dict]:
     """Every static analysis of one MoE layer: (JSON tables, tensors)."""
     dtype = getattr(torch, opts.dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     router_sim = gate_embedding_similarity(model.router(layer).to(device), dtype=dtype)
     tables: dict = {"dense_layers_skipped": model.dense_layers}
     tensors = {"router_similarity": router_sim.cpu()}
@@ -229,11 +235,13 @@ def _pool(workers: int, ray: str | None):
 
 def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Path = "moescope-runs/weights",
             options: WeightsOptions | None = None, resume: bool = True, progress: bool = True,
-            workers: int = 1, ray: str | None = None) -> Results:
+            workers: int = 1, ray: str | None = None, memory_check: bool = True) -> Results:
     """Run the static analyses of PAPER.md on every MoE layer of ``path``; write and return the results.
 
     ``workers`` > 1 analyses layers in parallel processes (each streaming its own layers; ``ray`` runs them on a
-    Ray cluster instead); every layer is written as it finishes, so any run can be resumed.
+    Ray cluster instead); every layer is written as it finishes, so any run can be resumed. Before any layer,
+    the run is refused (``InsufficientMemoryError``) when its estimated peak memory exceeds what is free here
+    (``memory_check=False`` or ``MOESCOPE_SKIP_MEMORY_CHECK=1`` skips that).
     """
     opts = options or WeightsOptions()
     model = open_model(path)
@@ -249,6 +257,9 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
         raise OptionsError(f"--workers must be at least 1, got {workers}")
     if dense_model is not None:
         check_dense_model(model, dense_model, layers)
+    if memory_check and ray in (None, "local"):  # (a remote Ray cluster's machines are not this one)
+        check_fits(static_estimate(model, opts, dense_model, compute_device(), min(workers, len(layers))),
+                   compute_device())
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
                   "config_sha256": config_hash(model.config),
                   "dense": None if dense_model is None else {"path": str(dense_model.checkpoint.path),
