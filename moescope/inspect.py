@@ -212,6 +212,7 @@ def _trace_memory(model: MoEModel, opts) -> dict:
     return {"device": device, "dtype": str(resolve_dtype(opts.dtype, device)).removeprefix("torch."),
             "batch_size": opts.batch_size, "max_tokens": opts.max_tokens,
             "batch": [min(opts.batch_size, len(lengths)), length], "model_bytes": estimate.part("weights"),
+            "loading_bytes": estimate.part("loading_copy") + estimate.part("loading"),
             "batch_bytes": estimate.part("activations") + estimate.part("attention"),
             "captured_bytes": estimate.part("captured"),
             "recompute_per_layer_bytes": sum(p.bytes for p in recompute if p.key != "captured"), **_peaks(estimate)}
@@ -235,7 +236,8 @@ def format_memory(plan: dict) -> str:
     if t:
         lines += [f"             trace ({t['dtype']} on {t['device']}, --batch-size {t['batch_size']}, --max-tokens "
                   f"{t['max_tokens']}): {peak(t)}",
-                  f"               model {size(t['model_bytes'])}, per batch {size(t['batch_bytes'])} "
+                  f"               model {size(t['model_bytes'])} (+{size(t['loading_bytes'])} loading it), per batch "
+                  f"{size(t['batch_bytes'])} "
                   f"({t['batch'][0]} x {t['batch'][1]} tokens), captured states {size(t['captured_bytes'])}, "
                   f"recompute per layer {size(t['recompute_per_layer_bytes'])}"]
     free = plan["available"]

@@ -22,6 +22,10 @@ from .inspect import logical_params
 SKIP_ENV = "MOESCOPE_SKIP_MEMORY_CHECK"
 CPU, GPU = "cpu", "gpu"
 _CAPTURED_BYTES = 4  # trace's hooks copy block inputs and outputs to the CPU in float32 (dynamic/capture.py)
+_MMAP_THRESHOLD_MAX = 32 << 20  # glibc serves allocations below this from its heap, which keeps them once freed
+_KEPT_TEMPORARIES = 10  # freed heap temporaries still resident at the neuron level's peak (measured, see below)
+_MODEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # trace's --dtype choices
+_LOADER_STATE = 100 << 20  # transformers' modeling code and loading state (measured, transformers 5)
 
 
 @dataclass(frozen=True)
@@ -137,16 +141,31 @@ def _neuron_level(hidden: int, widths: list[int], opts, device: str) -> list[Pha
     if where == GPU:
         solve.append(Part("similarity_copy", f"CPU copy of the similarity matrix {shape}", similarity, CPU,
                           "--no-neuron-level"))
-    points = sum(widths)
-    pca = [Part("pca_member", "one member in float64", max(member) * 2, where, ""),
-           Part("pca_covariance", "hidden x hidden covariance and its eigenvectors (float64)",
-                6 * hidden * hidden * 8, where, ""),
-           Part("pca_points", "neuron PCA coordinates", points * opts.pca_components * 8, where, "")]
+    kept = (Part("allocator", "freed temporaries the C allocator keeps", _allocator_slack(max(member) * 2), CPU),) \
+        if where == CPU else ()
     return [Phase("neuron_similarity", f"neuron level: similarity of the widest pair ({n_a} x {n_b})",
-                  (members, sim, Part("normalised", "normalised neuron vectors", normalised, where, ""))),
+                  (members, sim, Part("normalised", "normalised neuron vectors", normalised, where), *kept)),
             Phase("neuron_assignment", f"neuron level: matching the widest pair ({n_a} x {n_b})",
-                  (members, sim, *solve)),
-            Phase("neuron_pca", "neuron level: PCA", (members, *pca))]
+                  (members, sim, *solve, *kept)),
+            Phase("neuron_pca", "neuron level: PCA", (members, *_neuron_pca(hidden, widths, opts, where), *kept))]
+
+
+def _neuron_pca(hidden: int, widths: list[int], opts, where: str) -> tuple[Part, ...]:
+    """``streamed_neuron_pca``: one member in float64 at a time, the hidden x hidden statistics and the
+    eigendecomposition (float64), and every neuron's coordinates."""
+    return (Part("pca_member", "one member in float64", max(widths) * hidden * 8, where),
+            Part("pca_covariance", "hidden x hidden covariance and its eigenvectors (float64)", 6 * hidden ** 2 * 8,
+                 where),
+            Part("pca_points", "neuron PCA coordinates", sum(widths) * opts.pca_components * 8, where))
+
+
+def _allocator_slack(temporary: int) -> int:
+    """Resident memory beyond what is live: the neuron level's temporaries (a member in float64 and the like)
+    come from glibc's heap when they are below its mmap threshold (up to 32 MiB), and freed heap memory mostly
+    stays resident: on a layer of 3584 x 1024 members, peak RssAnon measured 1.0-2.3x the live estimate, varying
+    from run to run. Larger temporaries are mapped and unmapped on their own, and the live estimate holds (7168 x
+    2048 members: 750 MiB measured, 784 MiB estimated)."""
+    return _KEPT_TEMPORARIES * temporary if temporary <= _MMAP_THRESHOLD_MAX else 0
 
 
 def _times(phase: Phase, copies: int) -> Phase:
@@ -225,15 +244,31 @@ def _forward_phases(model: MoEModel, batches: list[tuple[int, int]], dtype: torc
         (["--device map, which spreads the model over GPUs, CPU and disk"] if device != "map" else [])
     weights = Part(f"{prefix}weights".replace(" ", "_"), f"{prefix}model weights ({str(dtype).removeprefix('torch.')})",
                    weight_bytes(model, dtype), where, " or ".join(remedies))
+    loading = _loading(model, dtype, prefix)
     batch = max((_activations(model, b, s, dtype.itemsize, where) for b, s in batches),
                 key=lambda parts: sum(p.bytes for p in parts))
-    phases = []
-    if _gpu(device):  # from_pretrained loads on the CPU, then the model moves to the GPU (dynamic/loader.py)
-        on_cpu = Part(weights.key, f"{weights.label} on the CPU", weights.bytes, CPU, weights.remedy)
-        phases.append(Phase(f"{prefix}load", f"loading the {prefix}model", (on_cpu, weights, *held)))
-    phases.append(Phase(f"{prefix}forward", f"{prefix}forward pass, per batch", (weights, *batch, *held, captures)))
-    phases.append(Phase(f"{prefix}forward_end", f"end of the {prefix}forward pass", (weights, *held, captures, joined)))
-    return phases
+    on_cpu = (Part(weights.key, f"{weights.label} on the CPU", weights.bytes, CPU, weights.remedy),) \
+        if _gpu(device) else ()  # from_pretrained loads on the CPU, then the model moves to the GPU (loader.py)
+    return [Phase(f"{prefix}load", f"loading the {prefix}model", (*on_cpu, weights, *loading, *held)),
+            Phase(f"{prefix}forward", f"{prefix}forward pass, per batch",
+                  (weights, *loading, *batch, *held, captures)),
+            Phase(f"{prefix}forward_end", f"end of the {prefix}forward pass",
+                  (weights, *loading, *held, captures, joined))]
+
+
+def _loading(model: MoEModel, dtype: torch.dtype, prefix: str) -> tuple[Part, ...]:
+    """What loading with transformers holds on the CPU beside the weights, measured with transformers 5: a copy
+    of every tensor stored in another dtype, converted (freed when loading ends, but the allocator keeps most
+    of it through the forward pass), and the loader's own code and state (about 100 MiB)."""
+    from .checkpoint import SAFETENSORS_DTYPES, TORCH_TO_CODE
+
+    stored = logical_params(model)[1]
+    converted = sum(n for code, n in stored.items() if code != TORCH_TO_CODE.get(dtype)) * dtype.itemsize
+    own = SAFETENSORS_DTYPES.get(stored.most_common(1)[0][0], (None,))[0] if stored else None
+    key = f"{prefix}loading".replace(" ", "_")
+    return (Part(f"{key}_copy", f"{prefix}weights converted on loading", converted, CPU,
+                 f"--dtype {str(own).removeprefix('torch.')}, the checkpoint's" if own in _MODEL_DTYPES else ""),
+            Part(key, "transformers' model code and loading state", _LOADER_STATE, CPU))
 
 
 def _activations(model: MoEModel, documents: int, length: int, itemsize: int, where: str) -> tuple[Part, Part]:
@@ -266,8 +301,7 @@ def _recompute(model: MoEModel, tokens: int, chunk_tokens: int, captured: Part, 
                       2 * members * chunk * H * 8 + 3 * chunk * members * members * 8, CPU,
                       f"TraceOptions.chunk_tokens below {chunk_tokens}")
     member = Part("member", "one member's weights, intermediates and output (float32; on a GPU, the inputs too)",
-                  3 * widest * H * 4 + 4 * chunk * widest * 4 + tokens * H * 4 * (2 if where == GPU else 1),
-                  where, "")
+                  3 * widest * H * 4 + 4 * chunk * widest * 4 + tokens * H * 4 * (2 if where == GPU else 1), where)
     return Phase("recompute", "expert recompute, per layer", (captured, outputs, similarity, member))
 
 
@@ -365,10 +399,12 @@ def _pooled_available() -> int | None:
 
 
 def _refusal(estimate: Estimate, phase: Phase, where: str | None, name: str, need: int, have: int) -> str:
-    parts = sorted((p for p in phase.parts if where in (None, p.where)), key=lambda p: -p.bytes)
-    listed = "; ".join(f"{p.label} {format_bytes(p.bytes)}" + (f" (try {p.remedy})" if p.remedy else "")
-                       for p in parts[:3])
+    """What is needed, what is free, and the largest parts an option can shrink."""
+    parts = sorted((p for p in phase.parts if where in (None, p.where) and p.remedy and p.bytes),
+                   key=lambda p: -p.bytes)
+    listed = "; ".join(f"{p.label} {format_bytes(p.bytes)} (try {p.remedy})" for p in parts[:3])
     return (f"{estimate.run} would need about {format_bytes(need)} of {name} memory at its peak ({phase.name}), but "
-            f"only {format_bytes(have)} is available, so it would run out of memory part-way. Largest parts: "
-            f"{listed}. Change those options (or free memory), or set {SKIP_ENV}=1 (or pass --no-memory-check) "
-            "to run anyway. `moescope inspect PATH` shows the estimate.")
+            f"only {format_bytes(have)} is available, so it would run out of memory part-way. "
+            + (f"Largest parts options can shrink: {listed}. " if listed else "")
+            + f"Free memory or change those options, or set {SKIP_ENV}=1 (or pass --no-memory-check) to run anyway; "
+            "`moescope inspect PATH` shows the estimate.")

@@ -74,7 +74,9 @@ def test_parallel_workers_and_a_gpu_place_the_parts_where_the_code_puts_them(tin
     trace = memory.dynamic_estimate(model, [64] * 4, TraceOptions(), "cuda")
     weights = memory.weight_bytes(model, torch.bfloat16)                 # auto: bfloat16 on a GPU
     load = next(p for p in trace.phases if p.key == "load")
-    assert load.total(memory.CPU) == load.total(memory.GPU) == weights     # loaded on the CPU, then moved
+    assert load.total(memory.GPU) == weights                               # loaded on the CPU, then moved
+    assert load.total(memory.CPU) == weights + trace.part("loading")       # (stored in bfloat16: no conversion)
+    assert trace.part("loading_copy") == 0
 
 
 def _header_elements(path) -> int:
@@ -93,6 +95,8 @@ def test_model_weights_are_the_header_sizes_converted_and_what_transformers_load
     assert memory.weight_bytes(model, torch.float32) == 4 * elements
     net = load_model(model, "cpu", torch.float32)
     assert memory.weight_bytes(model, torch.float32) == sum(p.numel() * p.element_size() for p in net.parameters())
+    estimate = memory.dynamic_estimate(model, [8], TraceOptions(dtype="float32"), "cpu")
+    assert estimate.part("loading_copy") == 4 * elements  # every bf16 tensor converted to float32 on loading
 
 
 def test_captured_states_and_recompute_outputs_match_a_forward_pass(tiny):
@@ -155,7 +159,7 @@ def test_trace_is_refused_before_the_model_is_loaded(tiny, tmp_path, monkeypatch
 
     loaded = []
     monkeypatch.setattr(run, "load_model", lambda *a, **k: loaded.append(a))
-    with pytest.raises(InsufficientMemoryError, match=r"(?s)moescope trace would need.*--max-tokens"):
+    with pytest.raises(InsufficientMemoryError, match=r"(?s)moescope trace would need.*only 100 B.*--dtype bfloat16"):
         run.trace(tiny("mixtral").path, ["some text to trace"], out=tmp_path / "t", progress=False,
                   options=TraceOptions(device="cpu"))
     assert not loaded and not (tmp_path / "t").exists()
