@@ -63,6 +63,10 @@ class NonFiniteWeightsError(MoescopeError):
     """Weights hold NaN or inf where no meaningful analysis can continue (e.g. a forward pass they poison)."""
 
 
+class InsufficientMemoryError(MoescopeError):
+    """A run would need more memory than the machine (or GPU) has free; refused before any heavy work."""
+
+
 class MoescopeWarning(UserWarning):
     """Something in the input is wrong but the analysis continues (the results record what was affected)."""
 

@@ -13,12 +13,13 @@ from tqdm.auto import tqdm
 
 from ..arch.adapter import MoEModel, open_model
 from ..errors import ConfigError, OptionsError
+from ..memory import check_fits, dynamic_estimate
 from ..results import Results, RunWriter, config_hash, load_results
 from ..static.run import check_dense_model
 from ..validate import check_finite_states, first_nonfinite_layer, output_health
 from .experts import activation, layer_members, member_outputs
 from .forward import LayerTrace, forward_pass
-from .inputs import Document, documents_hash, encode_documents
+from .inputs import Document, context_length, documents_hash, encode_documents
 from .loader import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .metrics import IntermediateSummary, NormScoreRanks, OutputSimilarity
 from .routing import router_scores, select_experts
@@ -175,8 +176,13 @@ def _check_tokenizers(tokenizer, dense_tokenizer) -> None:
 
 def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = None,
           out: str | Path = "moescope-runs/trace", options: TraceOptions | None = None, source: str = "text",
-          resume: bool = True, progress: bool = True) -> Results:
-    """Run the dynamic analyses on ``texts`` (each text a document); write and return the results."""
+          resume: bool = True, progress: bool = True, memory_check: bool = True) -> Results:
+    """Run the dynamic analyses on ``texts`` (each text a document); write and return the results.
+
+    Before the model is loaded, the run is refused (``InsufficientMemoryError``) when its estimated peak memory
+    exceeds what is free on the CPU or the GPU (``memory_check=False`` or ``MOESCOPE_SKIP_MEMORY_CHECK=1`` skips
+    that).
+    """
     opts = options or TraceOptions()
     model = open_model(path)
     if not model.moe_layers:
@@ -188,14 +194,15 @@ def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = 
         raise OptionsError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
     model.check()
     tokenizer = load_tokenizer(model)
-    context = int(model.config.get("max_position_embeddings") or model.config.get("max_seq_len") or 4096)
-    documents = encode_documents(tokenizer, list(texts), context, opts.max_tokens)
+    documents = encode_documents(tokenizer, list(texts), context_length(model), opts.max_tokens)
     dense_model = open_model(dense) if dense is not None else None
     if dense_model is not None:
         check_dense_model(model, dense_model, layers)
         dense_model.check()
         _check_tokenizers(tokenizer, load_tokenizer(dense_model))
     device = resolve_device(opts.device)
+    if memory_check:
+        check_fits(dynamic_estimate(model, [len(d.ids) for d in documents], opts, device, layers, dense_model), device)
     compute = "cpu" if device == "map" else device
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
                   "config_sha256": config_hash(model.config),

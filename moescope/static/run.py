@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..arch.adapter import MoEModel, open_model
 from ..arch.spec import MATRICES
 from ..errors import ConfigError, OptionsError
+from ..memory import check_fits, static_estimate
 from ..results import RunWriter, config_hash, load_results, Results
 from ..validate import MemberHealth, scan_layer
 from .regression import gate_embedding_similarity, similarity_regression
@@ -182,12 +183,16 @@ def _dense_matrix(dense_model: MoEModel | None, layer: int, matrix: str, device)
 
 
 def _pair_workers(pairs: list[tuple[int, int]], widths: list[int], opts: WeightsOptions) -> int:
-    """Pairs matched at once: as many similarity matrices as fit in the memory budget (on a GPU each has a
-    page-locked host copy too), with two of torch's threads per pair on a GPU and four on the CPU, at most 8."""
     if not pairs:
         return 1
-    gpu = torch.cuda.is_available()
-    largest = max(widths[a] * widths[b] for a, b in pairs) * getattr(torch, opts.dtype).itemsize * (2 if gpu else 1)
+    return pairs_at_once(max(widths[a] * widths[b] for a, b in pairs), opts, torch.cuda.is_available())
+
+
+def pairs_at_once(entries: int, opts: WeightsOptions, gpu: bool) -> int:
+    """Pairs matched at once when the largest similarity matrix has ``entries`` entries: as many as fit in the
+    memory budget (on a GPU each has a page-locked host copy too), with two of torch's threads per pair on a GPU
+    and four on the CPU, at most 8."""
+    largest = entries * getattr(torch, opts.dtype).itemsize * (2 if gpu else 1)
     cores = torch.get_num_threads() // (2 if gpu else 4)
     return max(1, min(8, cores, opts.memory_budget // largest))
 
@@ -217,6 +222,11 @@ def check_dense_model(model: MoEModel, dense: MoEModel, layers: list[int]) -> No
                           "choose --layers below that or another dense model.")
 
 
+def compute_device() -> str:
+    """Where the static analyses compute: the GPU when there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _regression(expert_sim: torch.Tensor, router_sim: torch.Tensor) -> dict:
     fit = similarity_regression(expert_sim, router_sim)
     return {"r": fit.r, "r2": fit.r2, "slope": fit.slope, "intercept": fit.intercept, "n_pairs": fit.n_pairs}
@@ -226,7 +236,7 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
                   on_matrix=None) -> tuple[dict, dict]:
     """Every static analysis of one MoE layer: (JSON tables, tensors)."""
     dtype = getattr(torch, opts.dtype)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = compute_device()
     router_sim = gate_embedding_similarity(model.router(layer).to(device), dtype=dtype)
     tables: dict = {"dense_layers_skipped": model.dense_layers}
     tensors = {"router_similarity": router_sim.cpu()}
@@ -320,14 +330,17 @@ def _pool(workers: int, ray: str | None):
 
 def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Path = "moescope-runs/weights",
             options: WeightsOptions | None = None, resume: bool = True, progress: bool = True,
-            workers: int = 1, ray: str | None = None, download: bool = False, evict: bool = False) -> Results:
+            workers: int = 1, ray: str | None = None, download: bool = False, evict: bool = False,
+            memory_check: bool = True) -> Results:
     """Run the static analyses of PAPER.md on every MoE layer of ``path``; write and return the results.
 
     ``workers`` > 1 analyses layers in parallel processes (each streaming its own layers; ``ray`` runs them on a
     Ray cluster instead); every layer is written as it finishes, so any run can be resumed.
     ``download`` streams hub ids (``path``, ``dense``): each shard is downloaded into the Hugging Face cache when
     a layer first reads it; ``evict`` then deletes every shard it downloaded once no remaining layer needs it
-    (``moescope.hub_stream``).
+    (``moescope.hub_stream``). Before any layer, the run is refused (``InsufficientMemoryError``) when its
+    estimated peak memory exceeds what is free here (``memory_check=False`` or ``MOESCOPE_SKIP_MEMORY_CHECK=1``
+    skips that).
     """
     opts = options or WeightsOptions()
     model = open_model(path, download=download)
@@ -345,6 +358,9 @@ def weights(path: str | Path, *, dense: str | Path | None = None, out: str | Pat
         raise OptionsError(f"--workers must be at least 1, got {workers}")
     if dense_model is not None:
         check_dense_model(model, dense_model, layers)
+    if memory_check and ray in (None, "local"):  # (a remote Ray cluster's machines are not this one)
+        check_fits(static_estimate(model, opts, dense_model, compute_device(), min(workers, len(layers))),
+                   compute_device())
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
                   "config_sha256": config_hash(model.config),
                   "dense": None if dense_model is None else {"path": str(dense_model.checkpoint.path),

@@ -70,6 +70,16 @@ def cosine_matrix(x: Tensor, y: Tensor | None = None, *, dtype: torch.dtype = to
     return out
 
 
+def cosine_matrix_memory(rows_x: int, rows_y: int, dim: int, itemsize: int) -> tuple[int, int]:
+    """Bytes of ``cosine_matrix``'s [rows_x, rows_y] result in a dtype of ``itemsize`` bytes, and of the
+    temporaries it holds beside the result at its peak: the normalised copies of both inputs, or, for long
+    vectors (``dim`` > ``DIRECT_K``), the float64 product (cast afterwards) and its float64 column blocks."""
+    result = rows_x * rows_y * itemsize
+    if dim <= DIRECT_K:
+        return result, (rows_x + rows_y) * dim * itemsize
+    return result, (rows_x * rows_y * 8 if itemsize != 8 else 0) + 2 * BLOCK_ELEMS * 8
+
+
 def _nonzero(norm: Tensor) -> Tensor:
     """Norms with zeros replaced by 1, so that a zero vector gets cosine 0."""
     return torch.where(norm > 0, norm, torch.ones_like(norm))
