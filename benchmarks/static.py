@@ -46,19 +46,12 @@ import textwrap
 from pathlib import Path
 
 CHILD = textwrap.dedent("""
-    import json, sys, threading, time
-    def rss_anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    peak = [0]
-    def sample():
-        while True:
-            peak[0] = max(peak[0], rss_anon()); time.sleep(0.005)
+    import json, sys, time
     import torch
     from safetensors import safe_open
     import moescope
     from moescope.checkpoint import Checkpoint
+    from moescope.testing.memtrack import PeakRssAnon
     mode, path, budget = sys.argv[1], sys.argv[2], int(sys.argv[3])
     warm = time.perf_counter()
     if mode == "moescope":  # one-time cost per process, like the imports: load the compiled kernels
@@ -68,24 +61,23 @@ CHILD = textwrap.dedent("""
         from moescope.static import stream
         stream.USE_KERNELS = False
     warm = time.perf_counter() - warm
-    base = rss_anon()
-    threading.Thread(target=sample, daemon=True).start()
-    t0 = time.perf_counter()
     nbytes = 0
-    if mode == "reference":
-        ckpt = Checkpoint(path)
-        for f in ckpt.files:
-            with safe_open(str(f), framework="pt") as h:
-                for name in h.keys():
-                    if "experts" in name:
-                        t = h.get_tensor(name).clone(); nbytes += t.numel() * t.element_size(); del t  # clone: touch every byte
-    else:
-        opts = moescope.WeightsOptions(neuron_level=False, memory_budget=budget)
-        moescope.weights(path, out=sys.argv[4], options=opts, resume=False, progress=False)
-        ckpt = Checkpoint(path)
-        nbytes = sum(ckpt.info(n).nbytes for n in ckpt.keys() if "experts" in n)
-    elapsed = time.perf_counter() - t0
-    print(json.dumps({"seconds": elapsed, "bytes": nbytes, "peak_anon": max(peak[0] - base, 0), "warm_up": warm}))
+    with PeakRssAnon() as peak:
+        t0 = time.perf_counter()
+        if mode == "reference":
+            ckpt = Checkpoint(path)
+            for f in ckpt.files:
+                with safe_open(str(f), framework="pt") as h:
+                    for name in h.keys():
+                        if "experts" in name:
+                            t = h.get_tensor(name).clone(); nbytes += t.numel() * t.element_size(); del t  # clone: touch every byte
+        else:
+            opts = moescope.WeightsOptions(neuron_level=False, memory_budget=budget)
+            moescope.weights(path, out=sys.argv[4], options=opts, resume=False, progress=False)
+            ckpt = Checkpoint(path)
+            nbytes = sum(ckpt.info(n).nbytes for n in ckpt.keys() if "experts" in n)
+        elapsed = time.perf_counter() - t0
+    print(json.dumps({"seconds": elapsed, "bytes": nbytes, "peak_anon": peak.growth, "warm_up": warm}))
 """)
 
 

@@ -11,13 +11,13 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator, Protocol
 
 import torch
 
 from .errors import (ConfigError, CorruptCheckpointError, MissingShardError, TensorNotFoundError,
                      UnsafeCheckpointError, UnsupportedDtypeError)
-from .hub import resolve_checkpoint_dir
+from .hub import resolve_checkpoint
 
 # safetensors dtype code -> (torch dtype, bytes per element)
 SAFETENSORS_DTYPES: dict[str, tuple[torch.dtype, int]] = {
@@ -52,60 +52,73 @@ _DOWNLOAD_AGAIN = "The file is truncated or corrupt: download it again."
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse and validate a safetensors header without touching the tensor data.
+    """Parse and validate the header of the safetensors file ``path`` without touching the tensor data.
 
-    Checks what the safetensors format requires, so a file that passes is one ``safe_open`` reads: an 8-byte
-    little-endian header length within the file, a UTF-8 JSON object, string-to-string ``__metadata__``, every
-    entry with a known dtype, a shape of non-negative integers and ``data_offsets`` whose span matches the
-    shape, and offsets that tile the data section exactly (no overlaps, no holes, nothing after the last
-    tensor). Raises ``CorruptCheckpointError`` (``UnsupportedDtypeError`` for an unknown dtype) otherwise.
+    See ``parse_safetensors_header`` for what is checked. Raises ``CorruptCheckpointError``
+    (``UnsupportedDtypeError`` for an unknown dtype, ``MissingShardError`` for a missing file) otherwise.
     """
     path = Path(path)
     try:
         size = path.stat().st_size
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if len(head) < 8:
-                raise CorruptCheckpointError(
-                    f"'{path}' is {size} bytes: too short for a safetensors file (expected an 8-byte header "
-                    f"length followed by a JSON header). {_DOWNLOAD_AGAIN}")
-            (length,) = struct.unpack("<Q", head)
-            if length > size - 8:
-                raise CorruptCheckpointError(
-                    f"'{path}' declares a {length}-byte header but the file holds {size - 8} bytes after the "
-                    f"length field: the header is corrupt or the file is truncated. Download it again.")
-            if length > _MAX_HEADER:
-                raise CorruptCheckpointError(
-                    f"'{path}' declares a {length}-byte header; safetensors headers are at most {_MAX_HEADER} "
-                    f"bytes. {_DOWNLOAD_AGAIN}")
-            raw = handle.read(length)
+            return parse_safetensors_header(handle.read, size, path)
     except FileNotFoundError:
         raise MissingShardError(f"weight file '{path}' does not exist (it vanished while being read?). "
                                 "Download the missing shard and run again.") from None
     except OSError as exc:
         raise CorruptCheckpointError(f"cannot read '{path}' ({exc.strerror or exc}): expected a readable "
                                      "safetensors file. Check its permissions or download it again.") from None
+
+
+def parse_safetensors_header(read: Callable[[int], bytes], size: int, path: Path,
+                             where: str | None = None) -> dict[str, TensorInfo]:
+    """Parse and validate a safetensors header read front to back through ``read(n)`` from a ``size``-byte file.
+
+    Checks what the safetensors format requires, so a file that passes is one ``safe_open`` reads: an 8-byte
+    little-endian header length within the file, a UTF-8 JSON object, string-to-string ``__metadata__``, every
+    entry with a known dtype, a shape of non-negative integers and ``data_offsets`` whose span matches the
+    shape, and offsets that tile the data section exactly (no overlaps, no holes, nothing after the last
+    tensor). The tensors are placed in ``path``; messages name ``where`` (default: ``path``), e.g. the URL of a
+    file on the hub whose header is read with Range requests. Raises ``CorruptCheckpointError``
+    (``UnsupportedDtypeError`` for an unknown dtype) otherwise.
+    """
+    where = str(path) if where is None else where
+    head = read(8)
+    if len(head) < 8:
+        raise CorruptCheckpointError(
+            f"'{where}' is {size} bytes: too short for a safetensors file (expected an 8-byte header "
+            f"length followed by a JSON header). {_DOWNLOAD_AGAIN}")
+    (length,) = struct.unpack("<Q", head)
+    if length > size - 8:
+        raise CorruptCheckpointError(
+            f"'{where}' declares a {length}-byte header but the file holds {size - 8} bytes after the "
+            f"length field: the header is corrupt or the file is truncated. Download it again.")
+    if length > _MAX_HEADER:
+        raise CorruptCheckpointError(
+            f"'{where}' declares a {length}-byte header; safetensors headers are at most {_MAX_HEADER} "
+            f"bytes. {_DOWNLOAD_AGAIN}")
+    raw = read(length)
     try:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise CorruptCheckpointError(
-            f"'{path}' has a header that is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:100]}). "
+            f"'{where}' has a header that is not valid UTF-8 JSON ({type(exc).__name__}: {str(exc)[:100]}). "
             f"{_DOWNLOAD_AGAIN}") from None
     if not isinstance(header, dict):
-        raise CorruptCheckpointError(f"'{path}' header is a JSON {type(header).__name__}, expected a JSON object "
+        raise CorruptCheckpointError(f"'{where}' header is a JSON {type(header).__name__}, expected a JSON object "
                                      f"of tensor entries. {_DOWNLOAD_AGAIN}")
     metadata = header.get("__metadata__", {})
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-        raise CorruptCheckpointError(f"'{path}': __metadata__ must map strings to strings, found "
+        raise CorruptCheckpointError(f"'{where}': __metadata__ must map strings to strings, found "
                                      f"{str(metadata)[:80]}. {_DOWNLOAD_AGAIN}")
     data_size = size - 8 - length
     infos, spans = {}, []
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        infos[name], span = _tensor_info(path, name, entry, data_size)
+        infos[name], span = _tensor_info(path, where, name, entry, data_size)
         spans.append((*span, name))
-    _check_tiling(path, spans, data_size)
+    _check_tiling(where, spans, data_size)
     return infos
 
 
@@ -113,60 +126,88 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _tensor_info(path: Path, name: str, entry: object, data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
+def _tensor_info(path: Path, where: str, name: str, entry: object,
+                 data_size: int) -> tuple[TensorInfo, tuple[int, int]]:
     expected = ('expected {"dtype": "BF16", "shape": [rows, cols], "data_offsets": [begin, end]} with '
                 "non-negative integers")
     if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
-        raise CorruptCheckpointError(f"'{path}': header entry for '{name}' is malformed ({expected}; found "
+        raise CorruptCheckpointError(f"'{where}': header entry for '{name}' is malformed ({expected}; found "
                                      f"{str(entry)[:80]}). {_DOWNLOAD_AGAIN}")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
     if (not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape)
             or not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)):
-        raise CorruptCheckpointError(f"'{path}': header entry for '{name}' is malformed ({expected}; found shape "
+        raise CorruptCheckpointError(f"'{where}': header entry for '{name}' is malformed ({expected}; found shape "
                                      f"{str(shape)[:40]}, data_offsets {str(offsets)[:40]}). {_DOWNLOAD_AGAIN}")
     if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
         raise UnsupportedDtypeError(
-            f"'{path}': tensor '{name}' has dtype {dtype}; moescope reads {sorted(SAFETENSORS_DTYPES)}. "
+            f"'{where}': tensor '{name}' has dtype {dtype}; moescope reads {sorted(SAFETENSORS_DTYPES)}. "
             "Convert the checkpoint to one of these (e.g. bfloat16) first.")
     info = TensorInfo(name, path, dtype, tuple(shape))
     begin, end = offsets
     if not (0 <= begin <= end <= data_size) or end - begin != info.nbytes:
         raise CorruptCheckpointError(
-            f"'{path}': tensor '{name}' ({dtype}{list(shape)}) should span {info.nbytes} bytes inside a "
+            f"'{where}': tensor '{name}' ({dtype}{list(shape)}) should span {info.nbytes} bytes inside a "
             f"{data_size}-byte data section, but its offsets are [{begin}, {end}]. The file is truncated "
             "or corrupt: download it again.")
     return info, (begin, end)
 
 
-def _check_tiling(path: Path, spans: list[tuple[int, int, str]], data_size: int) -> None:
+def _check_tiling(where: str, spans: list[tuple[int, int, str]], data_size: int) -> None:
     """Tensors must cover the data section exactly, in offset order: no overlap, no hole, no trailing bytes."""
     position, previous = 0, None
     for begin, end, name in sorted(spans):
         if begin < position:
             raise CorruptCheckpointError(
-                f"'{path}': tensors '{previous}' and '{name}' overlap (bytes [{begin}, {position}) of the data "
+                f"'{where}': tensors '{previous}' and '{name}' overlap (bytes [{begin}, {position}) of the data "
                 f"section belong to both); each tensor must own its bytes. {_DOWNLOAD_AGAIN}")
         if begin > position:
             raise CorruptCheckpointError(
-                f"'{path}': bytes [{position}, {begin}) of the data section belong to no tensor (a hole before "
+                f"'{where}': bytes [{position}, {begin}) of the data section belong to no tensor (a hole before "
                 f"'{name}'); safetensors files hold their tensors back to back. {_DOWNLOAD_AGAIN}")
         position, previous = end, name
     if position != data_size:
         raise CorruptCheckpointError(
-            f"'{path}': its tensors end at byte {position} of a {data_size}-byte data section; expected them to "
+            f"'{where}': its tensors end at byte {position} of a {data_size}-byte data section; expected them to "
             f"fill it exactly (extra or missing bytes at the end). {_DOWNLOAD_AGAIN}")
+
+
+class ShardSource(Protocol):
+    """Where the shards of a checkpoint that are not on disk yet come from (``hub_stream.HubShards``).
+
+    ``repo_id`` and ``commit`` say what is streamed; ``files`` and ``declared`` are what ``_discover_weights``
+    finds on disk for a local checkpoint; ``header`` reads a shard's tensor entries without fetching it, ``fetch``
+    makes the shard local (returns its path), ``evict`` removes a shard this run fetched (returns whether it did).
+    """
+
+    repo_id: str
+    commit: str
+    files: list[Path]
+    declared: dict[str, Path]
+
+    def header(self, file: Path) -> dict[str, TensorInfo]: ...
+
+    def size(self, file: Path) -> int: ...
+
+    def fetch(self, file: Path) -> Path: ...
+
+    def evict(self, file: Path) -> bool: ...
 
 
 class Checkpoint:
     """A checkpoint directory opened lazily: ``config``, ``keys()``, ``info(name)``, ``read(name, rows)``.
 
-    Use as a context manager (or call ``close()``) to release file handles.
+    With ``download=True`` a hub id (at ``revision``, default main) is streamed: only config.json and the index
+    are downloaded up front, each shard the first time one of its tensors is read (see ``moescope.hub_stream``);
+    ``evict`` removes them again. Use as a context manager (or call ``close()``) to release file handles.
     """
 
-    def __init__(self, path_or_id: str | Path):
-        self.path = resolve_checkpoint_dir(path_or_id)
+    def __init__(self, path_or_id: str | Path, *, download: bool = False, revision: str | None = None):
+        self.path, self._source = resolve_checkpoint(path_or_id, download=download, revision=revision)
         self.config = _read_config(self.path / "config.json")
-        self.format, self.files, declared = _discover_weights(self.path)
+        if self._source is None:
+            self.format, self.files, declared = _discover_weights(self.path)
+        else:
+            self.format, self.files, declared = "safetensors", list(self._source.files), self._source.declared
         self._infos: dict[str, TensorInfo] = {}
         self._handles: dict[Path, object] = {}
         for file in self.files:
@@ -196,7 +237,19 @@ class Checkpoint:
 
     @property
     def size_bytes(self) -> int:
+        if self._source is not None:
+            return sum(self._source.size(f) for f in self.files)
         return sum(f.stat().st_size for f in self.files)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether shards are fetched on demand (``download=True`` on a hub id)."""
+        return self._source is not None
+
+    @property
+    def hub(self) -> tuple[str, str] | None:
+        """``(repo id, commit)`` of a streamed checkpoint, else None."""
+        return None if self._source is None else (self._source.repo_id, self._source.commit)
 
     # -- reading --------------------------------------------------------------------
     def read(self, name: str, rows: int | slice | None = None) -> torch.Tensor:
@@ -220,6 +273,23 @@ class Checkpoint:
     def close(self) -> None:
         self._handles.clear()
 
+    def evict(self, keep: Iterable[Path]) -> list[Path]:
+        """Close and delete the shards not in ``keep`` that were downloaded for this checkpoint; return them.
+
+        Only a streamed checkpoint (``download=True``) deletes anything, and only shards that were not in the
+        cache when it was opened; a shard read again later is downloaded again.
+        """
+        if self._source is None:
+            return []
+        keep = set(keep)
+        removed = []
+        for file in self.files:
+            if file not in keep:
+                self._handles.pop(file, None)
+                if self._source.evict(file):
+                    removed.append(file)
+        return removed
+
     def __enter__(self) -> "Checkpoint":
         return self
 
@@ -231,6 +301,8 @@ class Checkpoint:
 
     # -- internals ------------------------------------------------------------------
     def _read_infos(self, file: Path) -> dict[str, TensorInfo]:
+        if self._source is not None:
+            return self._source.header(file)
         if self.format == "safetensors":
             return read_safetensors_header(file)
         state = self._handle(file)
@@ -251,7 +323,8 @@ class Checkpoint:
     def _handle(self, file: Path):
         handle = self._handles.get(file)
         if handle is None:
-            handle = self._handles[file] = (_open_safetensors if self.format == "safetensors" else _load_bin)(file)
+            local = file if self._source is None else self._source.fetch(file)
+            handle = self._handles[file] = (_open_safetensors if self.format == "safetensors" else _load_bin)(local)
         return handle
 
 

@@ -8,21 +8,29 @@ import sys
 from ._version import __version__
 from .errors import MoescopeError, OptionsError
 
+_MATCH_HELP = ("neuron matching of a pair: each (every matrix separately, as the study) | gate | up | down (once on "
+               "that matrix) | concat (once on all matrices' unit neuron vectors); one matching serves all matrices")
+
 
 def _cmd_inspect(args: argparse.Namespace) -> None:
     from .arch import open_model
-    from .inspect import describe, format_facts, matching_plan
+    from .inspect import describe, format_facts, format_memory, matching_plan, memory_plan
 
-    model = open_model(args.path, args.family)
+    model = open_model(args.path, args.family, download=args.download)
     facts = describe(model)
-    plan = matching_plan(model, args.pairs)
+    plan = matching_plan(model, args.pairs, match=args.match)
+    memory = memory_plan(model, None if args.memory_budget is None else _parse_bytes(args.memory_budget),
+                         args.batch_size, args.max_tokens, args.device, args.dtype)
     if args.json:
-        print(json.dumps({**facts.to_dict(), "neuron_matching": plan}, indent=2))
+        print(json.dumps({**facts.to_dict(), "neuron_matching": plan, "memory": memory}, indent=2))
         return
     print(format_facts(facts))
     if plan["assignments"]:
-        print(f"matching     --pairs {plan['pairs']}: {plan['assignments']} neuron assignments "
-              f"(gate/up/down x member pairs x MoE layers), roughly {_duration(plan['estimated_seconds'])} here")
+        match = "" if args.match == "each" else f" --match {args.match}"
+        print(f"matching     --pairs {plan['pairs']}{match}: {plan['assignments']} neuron assignments "
+              f"({'gate/up/down x ' if args.match == 'each' else ''}member pairs x MoE layers), "
+              f"roughly {_duration(plan['estimated_seconds'])} here")
+    print(format_memory(memory))
 
 
 def _cmd_families(args: argparse.Namespace) -> None:
@@ -50,10 +58,11 @@ def _cmd_weights(args: argparse.Namespace) -> None:
 
     layers = None if args.layers in (None, "all") else _parse_layers(args.layers)
     options = WeightsOptions(layers=layers, matrices=tuple(args.matrices.split(",")),
-                             neuron_level=not args.no_neuron_level, pairs=args.pairs,
+                             neuron_level=not args.no_neuron_level, pairs=args.pairs, match=args.match,
                              pca_components=args.pca_components, memory_budget=_parse_bytes(args.memory_budget))
     results = weights(args.path, dense=args.dense, out=args.out, options=options, resume=not args.no_resume,
-                      workers=args.workers, ray=args.ray)
+                      workers=args.workers, ray=args.ray, download=args.download, evict=args.evict,
+                      memory_check=not args.no_memory_check)
     r2 = results.summary.get("gate_r2_mean", {})
     print(f"wrote {len(results.layers)} layer(s) to {results.path}")
     for m, kinds in r2.items():
@@ -68,8 +77,8 @@ def _cmd_trace(args: argparse.Namespace) -> None:
                            max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=args.dtype,
                            device=args.device, stats=not args.no_stats, bootstrap=args.bootstrap)
     results = trace(args.path, texts, dense=args.dense, out=args.out, options=options, source=source,
-                    resume=not args.no_resume, progress=not (args.quiet or args.json), workers=args.workers,
-                    ray=args.ray)
+                    resume=not args.no_resume, progress=not (args.quiet or args.json),
+                    memory_check=not args.no_memory_check, workers=args.workers, ray=args.ray)
     summary = results.summary
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -140,6 +149,12 @@ def _add_input_options(p: argparse.ArgumentParser, default: str) -> None:
     source.add_argument("--wikitext", help="a WikiText file: its first 10 non-empty, non-heading lines "
                                            "(the study's long input)")
     source.add_argument("--documents", help="a directory of .txt files or a .jsonl file with a 'text' field")
+
+
+def _add_memory_check_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-memory-check", action="store_true",
+                   help="run even when the estimated peak memory exceeds what is free (like "
+                        "MOESCOPE_SKIP_MEMORY_CHECK=1)")
 
 
 def _cmd_compress(args: argparse.Namespace) -> None:
@@ -215,10 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="family, layers, experts, routing, sizes and dtype of a checkpoint")
-    p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
+    p.add_argument("path", help="checkpoint directory or hub id (in the local Hugging Face cache, or see --download)")
+    p.add_argument("--download", action="store_true",
+                   help="PATH is a hub id: download config.json and the index, read shard headers remotely "
+                        "(no shard is downloaded)")
     p.add_argument("--family", help="force a family instead of detecting it from config.json")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--pairs", default="all", help="neuron-matching pairs to plan for: all | sample:N | top:K")
+    p.add_argument("--match", default="each", help=_MATCH_HELP)
+    p.add_argument("--memory-budget", help="weights' --memory-budget to estimate memory for (default: its default)")
+    p.add_argument("--batch-size", type=int, help="trace's --batch-size to estimate memory for (default: its default)")
+    p.add_argument("--max-tokens", type=int, help="trace's --max-tokens to estimate memory for (default: its default)")
+    p.add_argument("--device", default="auto", help="trace's --device to estimate memory for")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="trace's --dtype to estimate memory for")
     p.set_defaults(func=_cmd_inspect)
 
     p = sub.add_parser("families", help="list supported model families")
@@ -227,17 +252,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("weights", help="static analyses of expert weights (similarity, neuron matching, "
                                         "gate regression, PCA), layer by layer")
-    p.add_argument("path", help="checkpoint directory or hub id in the local Hugging Face cache")
+    p.add_argument("path", help="checkpoint directory or hub id (in the local Hugging Face cache, or see --download)")
     p.add_argument("--dense", help="a dense model whose FFN joins each layer as member 'F' (e.g. Mistral-7B)")
     p.add_argument("--layers", default="all", help="'all' (default) or a list like 0,3,8-11")
     p.add_argument("--matrices", default="gate,up,down", help="comma-separated subset of gate,up,down")
     p.add_argument("--no-neuron-level", action="store_true", help="skip neuron matching (the expensive part)")
     p.add_argument("--pairs", default="all", help="member pairs to match: all | sample:N | top:K")
+    p.add_argument("--match", default="each", help=_MATCH_HELP)
     p.add_argument("--pca-components", type=int, default=3)
-    p.add_argument("--memory-budget", default="2G", help="bytes for one streamed chunk of a layer (e.g. 512M, 2G)")
+    p.add_argument("--memory-budget", default="2G", help="memory for one streamed chunk of a layer and for the "
+                   "similarity matrices of pairs matched at once (e.g. 512M, 2G; more lets more pairs run in parallel)")
     p.add_argument("--out", default="moescope-runs/weights", help="results directory (resumed if it exists)")
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     _add_worker_options(p, "analyse layers in N parallel processes")
+    p.add_argument("--download", action="store_true",
+                   help="PATH (and --dense) may be hub ids: download each shard into the Hugging Face cache when a "
+                        "layer first reads it (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE apply)")
+    p.add_argument("--evict", action="store_true",
+                   help="with --download: delete each shard this run downloaded once no remaining layer needs it")
+    _add_memory_check_option(p)
     p.set_defaults(func=_cmd_weights)
 
     p = sub.add_parser("trace", help="dynamic analyses from one forward pass: expert outputs, norms vs router "
@@ -258,6 +291,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="recompute every layer even if saved")
     p.add_argument("--quiet", action="store_true", help="no progress bars and no summary")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_memory_check_option(p)
     _add_worker_options(p, "trace the documents in N shards by parallel processes (results merged exactly)")
     p.set_defaults(func=_cmd_trace)
 

@@ -15,7 +15,12 @@ class UnknownArchitectureError(MoescopeError):
 
 
 class MissingShardError(MoescopeError):
-    """An index file names a shard that is not on disk, or no weight files were found."""
+    """An index file names a shard that is not on disk (or not on the hub), or no weight files were found."""
+
+
+class HubError(MoescopeError):
+    """The Hugging Face Hub (or the local cache) cannot provide a checkpoint: model not found or gated, offline
+    and not cached, network failure."""
 
 
 class CorruptCheckpointError(MoescopeError):
@@ -56,6 +61,10 @@ class OutputError(ResultsError):
 
 class NonFiniteWeightsError(MoescopeError):
     """Weights hold NaN or inf where no meaningful analysis can continue (e.g. a forward pass they poison)."""
+
+
+class InsufficientMemoryError(MoescopeError):
+    """A run would need more memory than the machine (or GPU) has free; refused before any heavy work."""
 
 
 class MoescopeWarning(UserWarning):

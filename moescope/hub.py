@@ -1,12 +1,38 @@
-"""Turn what the user typed (a directory or a hub id) into a local checkpoint directory, offline."""
+"""Turn what the user typed (a directory or a hub id) into a local checkpoint directory: offline by default, or
+with ``download=True`` a hub checkpoint whose shards are fetched on demand (``moescope.hub_stream``)."""
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import ConfigNotFoundError
 
+if TYPE_CHECKING:
+    from .hub_stream import HubShards
+
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+def is_hub_id(path_or_id: str | Path) -> bool:
+    """Whether ``path_or_id`` reads as ``owner/name`` and names nothing on disk."""
+    return (isinstance(path_or_id, str) and bool(_HUB_ID.match(path_or_id))
+            and not Path(path_or_id).expanduser().exists())
+
+
+def resolve_checkpoint(path_or_id: str | Path, download: bool = False,
+                       revision: str | None = None) -> tuple[Path, "HubShards | None"]:
+    """The local directory of ``path_or_id`` and, for a hub id with ``download``, the source of its shards
+    (at ``revision``: a branch, tag or commit; default main).
+
+    Without ``download`` (or for anything on disk) this is ``resolve_checkpoint_dir`` and no shard source.
+    """
+    if download and is_hub_id(path_or_id):
+        from .hub_stream import HubShards
+
+        shards = HubShards.open(str(path_or_id), revision)
+        return shards.directory, shards
+    return resolve_checkpoint_dir(path_or_id), None
 
 
 def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
@@ -30,7 +56,8 @@ def resolve_checkpoint_dir(path_or_id: str | Path) -> Path:
         raise ConfigNotFoundError(
             f"'{path_or_id}' is neither a directory nor a model in the local Hugging Face cache. "
             "Expected a checkpoint directory with config.json and weight shards. "
-            f"Download it first (e.g. `huggingface-cli download {path_or_id}`) or pass its local path."
+            f"Download it first (e.g. `huggingface-cli download {path_or_id}`) or pass its local path; "
+            "`moescope weights` and `moescope inspect` can also fetch it as they read it (`--download`)."
         )
     raise ConfigNotFoundError(
         f"checkpoint directory '{path}' does not exist. Expected a directory with config.json and "

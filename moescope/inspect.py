@@ -42,7 +42,7 @@ class ModelFacts:
         return asdict(self)
 
 
-def _logical_params(model: MoEModel) -> tuple[int, Counter]:
+def logical_params(model: MoEModel) -> tuple[int, Counter]:
     """Parameter count (MXFP4 bytes hold two values; quantisation scales are not parameters) and dtype histogram."""
     ckpt, total, dtypes = model.checkpoint, 0, Counter()
     names = set(ckpt.keys())
@@ -62,7 +62,7 @@ def _logical_params(model: MoEModel) -> tuple[int, Counter]:
 def describe(model: MoEModel) -> ModelFacts:
     """Gather the facts ``inspect`` prints; validates tensor names and shapes from headers first."""
     model.check()
-    total, dtypes = _logical_params(model)
+    total, dtypes = logical_params(model)
     routing = model.routing
     E, width, H = model.num_experts, (model.expert_width if model.family.is_moe else None), model.hidden_size
     per_expert = 3 * width * H if width else 0
@@ -129,8 +129,9 @@ def format_facts(f: ModelFacts) -> str:
     return "\n".join(lines)
 
 
-def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -> dict:
-    """How many neuron assignments `moescope weights --pairs PAIRS` solves, and a rough time estimate.
+def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True, match: str = "each") -> dict:
+    """How many neuron assignments `moescope weights --pairs PAIRS --match MATCH` solves, and a rough time
+    estimate (``match`` other than "each" solves one assignment per pair for all three matrices).
 
     The estimate times one assignment of a structured problem (up to 512 neurons) here and scales it by
     ``(width / n) ** 2.5`` per assignment (scipy's solver on near-permutation similarity matrices).
@@ -139,9 +140,10 @@ def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -
         return {"pairs": pairs, "assignments": 0, "estimated_seconds": 0.0}
     from .static.run import WeightsOptions, select_pairs  # the same pair choice `weights` makes
 
-    WeightsOptions(pairs=pairs)  # validates the spec
+    WeightsOptions(pairs=pairs, match=match)  # validates the spec
     members = len(model.member_labels(model.moe_layers[0]))
-    assignments = len(select_pairs(torch.zeros(members, members), pairs)) * 3 * len(model.moe_layers)
+    per_pair = 3 if match == "each" else 1
+    assignments = len(select_pairs(torch.zeros(members, members), pairs)) * per_pair * len(model.moe_layers)
     seconds = None
     if calibrate:
         import time
@@ -157,3 +159,92 @@ def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True) -
         solve_assignment(base @ noisy.T)
         seconds = (time.perf_counter() - start) * (width / n) ** 2.5 * assignments
     return {"pairs": pairs, "assignments": assignments, "estimated_seconds": seconds}
+
+
+def memory_plan(model: MoEModel, memory_budget: int | None = None, batch_size: int | None = None,
+                max_tokens: int | None = None, device: str = "auto", dtype: str = "auto") -> dict:
+    """What `moescope weights` needs per MoE layer and `moescope trace` needs (model, per batch, captured states,
+    per layer), with these options (None: the defaults), and the memory free here (``moescope.memory``)."""
+    from .dynamic.loader import resolve_device
+    from .dynamic.run import TraceOptions
+    from .memory import CPU, GPU, available_bytes
+    from .static.run import WeightsOptions
+
+    weights = WeightsOptions() if memory_budget is None else WeightsOptions(memory_budget=memory_budget)
+    trace = TraceOptions(**{k: v for k, v in dict(batch_size=batch_size, max_tokens=max_tokens, device=device,
+                                                  dtype=dtype).items() if v is not None})
+    gpu = resolve_device(trace.device)
+    available = {"cpu_bytes": available_bytes(CPU), "gpu_bytes": available_bytes(GPU, gpu) if gpu != "cpu" else None}
+    if not model.moe_layers:
+        return {"weights": None, "trace": None, "available": available}
+    return {"weights": _weights_memory(model, weights), "trace": _trace_memory(model, trace), "available": available}
+
+
+def _peaks(estimate) -> dict:
+    from .memory import CPU, GPU
+
+    return {"peak_cpu_bytes": estimate.peak(CPU)[0], "peak_gpu_bytes": estimate.peak(GPU)[0]}
+
+
+def _weights_memory(model: MoEModel, opts) -> dict:
+    """``weights``' estimate per MoE layer: matrix level, neuron level and its similarity matrix."""
+    from .memory import static_estimate
+    from .static.run import compute_device
+
+    estimate = static_estimate(model, opts, device=compute_device())
+    return {"memory_budget": opts.memory_budget, "device": compute_device(),
+            "matrix_level_bytes": estimate.largest("matrix_level"), "neuron_level_bytes": estimate.largest("neuron"),
+            "similarity_bytes": estimate.part("similarity"),
+            "widest_pair": sorted(model.member_widths(model.moe_layers[0]))[-2:], **_peaks(estimate)}
+
+
+def _trace_memory(model: MoEModel, opts) -> dict:
+    """``trace``'s estimate for ``opts.max_tokens`` tokens in batches of ``opts.batch_size`` documents of equal
+    length (at most the model's context); a run is checked on its real documents."""
+    from .dynamic.inputs import context_length
+    from .dynamic.loader import resolve_device, resolve_dtype
+    from .memory import dynamic_estimate
+
+    device = resolve_device(opts.device)
+    tokens = opts.max_tokens or context_length(model)
+    length = min(-(-tokens // opts.batch_size), context_length(model))
+    lengths = [length] * (tokens // length) + ([tokens % length] if tokens % length else [])
+    estimate = dynamic_estimate(model, lengths, opts, device)
+    recompute = [p for phase in estimate.phases if phase.key == "recompute" for p in phase.parts]
+    return {"device": device, "dtype": str(resolve_dtype(opts.dtype, device)).removeprefix("torch."),
+            "batch_size": opts.batch_size, "max_tokens": opts.max_tokens,
+            "batch": [min(opts.batch_size, len(lengths)), length], "model_bytes": estimate.part("weights"),
+            "loading_bytes": estimate.part("loading_copy") + estimate.part("loading"),
+            "batch_bytes": estimate.part("activations") + estimate.part("attention"),
+            "captured_bytes": estimate.part("captured"),
+            "recompute_per_layer_bytes": sum(p.bytes for p in recompute if p.key != "captured"), **_peaks(estimate)}
+
+
+def format_memory(plan: dict) -> str:
+    """The memory lines of ``moescope inspect`` (from ``memory_plan``)."""
+    from .memory import format_bytes as size
+
+    def peak(part: dict) -> str:
+        gpu = f" + {size(part['peak_gpu_bytes'])} GPU" if part["peak_gpu_bytes"] else ""
+        return f"peak {size(part['peak_cpu_bytes'])} CPU{gpu}"
+
+    lines = []
+    w, t = plan["weights"], plan["trace"]
+    if w:
+        lines += [f"memory       weights per MoE layer (--memory-budget {size(w['memory_budget'])}): {peak(w)}",
+                  f"               matrix level {size(w['matrix_level_bytes'])}, neuron level "
+                  f"{size(w['neuron_level_bytes'])} (similarity {' x '.join(map(str, w['widest_pair']))}: "
+                  f"{size(w['similarity_bytes'])})"]
+    if t:
+        lines += [f"             trace ({t['dtype']} on {t['device']}, --batch-size {t['batch_size']}, --max-tokens "
+                  f"{t['max_tokens']}): {peak(t)}",
+                  f"               model {size(t['model_bytes'])} (+{size(t['loading_bytes'])} loading it), per batch "
+                  f"{size(t['batch_bytes'])} "
+                  f"({t['batch'][0]} x {t['batch'][1]} tokens), captured states {size(t['captured_bytes'])}, "
+                  f"recompute per layer {size(t['recompute_per_layer_bytes'])}"]
+    free = plan["available"]
+    if free["cpu_bytes"] is not None or free["gpu_bytes"] is not None:
+        gpu = f", {size(free['gpu_bytes'])} GPU" if free["gpu_bytes"] is not None else ""
+        cpu = size(free["cpu_bytes"]) if free["cpu_bytes"] is not None else "unknown"
+        lines.append(f"available    {cpu} CPU{gpu} (runs that need more are refused before they start)")
+    return "\n".join(lines)

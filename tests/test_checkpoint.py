@@ -75,11 +75,7 @@ def test_hub_id_resolved_from_local_cache(tmp_path, monkeypatch, tiny):
 LAZY_SCRIPT = textwrap.dedent("""
     import sys, torch
     from moescope.checkpoint import Checkpoint
-
-    def rss_anon():
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
+    from moescope.testing.memtrack import rss_anon
 
     ckpt = Checkpoint(sys.argv[1])
     ckpt.read("w0")  # warm up allocator and code paths on a first tensor

@@ -399,3 +399,16 @@ def test_pca_errors():
         pca_points(torch.rand(3, 4), 3)
     with pytest.raises(ValueError, match="constant"):
         pca_points(torch.ones(4, 3))
+
+
+def test_host_buffers_are_reused_smallest_first():
+    from moescope.static import reorder
+
+    reorder.release_host_buffers()
+    kept = [reorder.take_host_buffer(n) for n in (100, 10, 50)]
+    reorder._free_pinned.extend(kept)
+    assert reorder.take_host_buffer(40) is kept[2]
+    assert reorder.take_host_buffer(40) is kept[0]
+    assert reorder.take_host_buffer(40) is not kept[1] and len(reorder._free_pinned) == 1
+    reorder.release_host_buffers()
+    assert reorder._free_pinned == []

@@ -10,6 +10,7 @@ from scipy.optimize import linear_sum_assignment
 import moescope
 from moescope.arch import open_model
 from moescope.cli import main
+from moescope.static import run as static_run
 from moescope.static.run import WeightsOptions
 
 
@@ -123,6 +124,43 @@ def test_planted_permutations_are_recovered(mixtral_run):
                 for m in ("gate", "up", "down"):
                     got = res[f"layer{layer}.{m}.permutations"][f"e{a}-e{b}"].tolist()
                     assert got == planted, (layer, m, a, b)
+
+
+@pytest.mark.parametrize("match", ["concat", "up"])
+def test_one_matching_per_pair_serves_every_matrix(mixtral_run, tmp_path, match):
+    moe, dense, _ = mixtral_run
+    model, dmodel = open_model(moe.path), open_model(dense.path)
+    layer = model.moe_layers[-1]
+    res = moescope.weights(moe.path, dense=dense.path, out=tmp_path, progress=False,
+                           options=WeightsOptions(layers=[layer], match=match))
+    labels = res[f"layer{layer}.labels"]
+    mats = {m: [neurons(x, m) for x in np_members(model, layer, m, dmodel)] for m in ("gate", "up", "down")}
+    unit = {m: [v / np.linalg.norm(v, axis=1, keepdims=True) for v in vs] for m, vs in mats.items()}
+    on = ("gate", "up", "down") if match == "concat" else (match,)
+    truth = moe.truth["permutations"][str(layer)]
+    for a in range(len(labels)):
+        for b in range(a + 1, len(labels)):
+            pair = f"{labels[a]}-{labels[b]}"
+            score = np.mean([unit[m][a] @ unit[m][b].T for m in on], axis=0)
+            rows, best = linear_sum_assignment(score, maximize=True)
+            col = res[f"layer{layer}.gate.permutations"][pair].numpy()
+            assert math.isclose(score[rows, col].sum(), score[rows, best].sum(), rel_tol=1e-9)
+            if b < len(truth):  # routed experts are permuted copies of one another
+                inverse_b = {p: j for j, p in enumerate(truth[b])}
+                assert col.tolist() == [inverse_b[p] for p in truth[a]]
+            for m in ("gate", "up", "down"):
+                np.testing.assert_array_equal(res[f"layer{layer}.{m}.permutations"][pair].numpy(), col)
+                c = unit[m][a] @ unit[m][b].T
+                assert abs(res[f"layer{layer}.{m}.matched_neuron_similarity"][a, b] - c[rows, col].mean()) < 1e-6
+                assert abs(res[f"layer{layer}.{m}.reordered_matrix_similarity"][a, b]
+                           - np_cos(mats[m][a], mats[m][b][col])) < 1e-6
+                assert abs(res[f"layer{layer}.{m}.kendall_tau"][a, b] - np_tau_b(col)) < 1e-9
+                assert res[f"layer{layer}.{m}.assignment"][pair]["matched_on"] == match
+
+
+def test_match_option_is_checked():
+    with pytest.raises(moescope.errors.OptionsError, match="--match must be"):
+        WeightsOptions(match="all")
 
 
 def test_deepseek_shared_split_and_dense_layer(tiny, tmp_path):
@@ -245,6 +283,8 @@ def test_inspect_prints_matching_plan(tiny, capsys):
     built = tiny("mixtral")
     assert main(["inspect", str(built.path), "--pairs", "sample:3"]) == 0
     assert "--pairs sample:3: 18 neuron assignments" in capsys.readouterr().out
+    assert main(["inspect", str(built.path), "--pairs", "sample:3", "--match", "concat"]) == 0
+    assert "--pairs sample:3 --match concat: 6 neuron assignments" in capsys.readouterr().out
 
 
 def test_dense_model_must_match(tiny, tmp_path, capsys):
@@ -270,6 +310,20 @@ def test_parallel_workers_give_the_single_process_results(tiny, tmp_path):
     one = moescope.weights(built.path, out=tmp_path / "one", options=opts, progress=False)
     two = moescope.weights(built.path, out=tmp_path / "two", options=opts, progress=False, workers=2)
     assert two.layers == one.layers == [0, 1, 2]
+    _assert_same_results(one, two)
+
+
+def test_pairs_matched_in_threads_give_the_sequential_results(tiny, tmp_path, monkeypatch):
+    built = tiny("deepseek", dtype="float32")
+    opts = WeightsOptions(matrices=("up",), layers=[1])
+    one = moescope.weights(built.path, out=tmp_path / "one", options=opts, progress=False)
+    monkeypatch.setattr(static_run, "_pair_workers", lambda *args: 3)
+    three = moescope.weights(built.path, out=tmp_path / "three", options=opts, progress=False)
+    assert len(three["layer1.up.permutations"]) >= 6
+    _assert_same_results(one, three)
+
+
+def _assert_same_results(one, two):
     for key in one.keys():
         a, b = one[key], two[key]
         if isinstance(a, torch.Tensor):

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -239,11 +239,20 @@ class MoEModel:
             for name, (src, shape, expert) in self._expected(layer).items():
                 self._check_shape(src, layer, shape, name, expert)
 
-    def _expected(self, layer: int) -> dict[str, tuple[TensorSource, tuple[int, ...], int | None]]:
+    def tensor_names(self, layer: int, matrices: Sequence[str] = MATRICES) -> list[str]:
+        """The stored tensors the static analyses of ``matrices`` of ``layer`` read: router, routed and shared
+        experts of an MoE layer, or the dense FFN of a dense layer, with their fp8 block scales where stored."""
+        names = dict.fromkeys(n for src, _, expert in self._expected(layer, matrices).values()
+                              for n in src.stored_names(layer, expert))
+        scales = [n + self.family.fp8_scale_suffix for n in names]
+        return [*names, *(n for n in scales if n in self.checkpoint)]
+
+    def _expected(self, layer: int, matrices: Sequence[str] = MATRICES
+                  ) -> dict[str, tuple[TensorSource, tuple[int, ...], int | None]]:
         H, E, out = self.hidden_size, self.num_experts, {}
         if layer in self.moe_layers:
             out["router"] = (self.family.router, (E, H), None)
-            for m in MATRICES:
+            for m in matrices:
                 src = self.family.experts.source(m)
                 one = _canonical(m, self.expert_width, H)
                 if src.packing == "per_expert":
@@ -254,7 +263,7 @@ class MoEModel:
                     width = self.num_shared_members * self.shared_width
                     out[f"shared {m}"] = (self.family.shared.source(m), _canonical(m, width, H), None)
         elif self.family.dense:
-            for m in MATRICES:
+            for m in matrices:
                 out[f"dense {m}"] = (self.family.dense.source(m), _canonical(m, self.dense_width, H), None)
         return out
 
@@ -337,6 +346,8 @@ def _canonical(matrix: str, width: int, hidden: int) -> tuple[int, int]:
     return (hidden, width) if matrix == "down" else (width, hidden)
 
 
-def open_model(path_or_id: str | Path, family: str | None = None) -> MoEModel:
-    """Open a checkpoint directory (or cached hub id) through its family adapter."""
-    return MoEModel(Checkpoint(path_or_id), family)
+def open_model(path_or_id: str | Path, family: str | None = None, *, download: bool = False,
+               revision: str | None = None) -> MoEModel:
+    """Open a checkpoint directory (or hub id: cached, or streamed with ``download`` at ``revision``) through its
+    family adapter."""
+    return MoEModel(Checkpoint(path_or_id, download=download, revision=revision), family)

@@ -16,7 +16,7 @@ import torch
 from ..arch.adapter import MoEModel
 from ..dynamic.experts import activation, layer_members, member_outputs
 from ..dynamic.forward import LayerTrace, forward_pass
-from ..dynamic.inputs import Document, documents_hash, encode_documents
+from ..dynamic.inputs import Document, context_length, documents_hash, encode_documents
 from ..dynamic.loader import load_model, load_tokenizer, resolve_device, resolve_dtype
 from ..dynamic.routing import router_scores, select_experts
 from .errors import CalibrationError, UnsupportedLayoutError
@@ -67,7 +67,7 @@ def model_context(model: MoEModel, context: int | None = None) -> int:
         if context < 2:
             raise CalibrationError(f"context must be at least 2 tokens, got {context}")
         return int(context)
-    return int(model.config.get("max_position_embeddings") or model.config.get("max_seq_len") or 4096)
+    return context_length(model)
 
 
 def encode_calibration(model: MoEModel, texts: Sequence[str] | None, max_tokens: int | None,

@@ -65,6 +65,12 @@ def read_documents(path: str | Path) -> list[str]:
     return texts
 
 
+def context_length(model) -> int:
+    """The model's context in tokens (config.json; 4096 when it does not say)."""
+    config = model.config
+    return int(config.get("max_position_embeddings") or config.get("max_seq_len") or 4096)
+
+
 def encode_documents(tokenizer, texts: list[str], max_length: int, max_tokens: int | None = None) -> list[Document]:
     """Encode each text on its own with BOS prepended; split texts longer than ``max_length`` (with a warning)
     and stop once ``max_tokens`` tokens are collected (the last document is cut there)."""

@@ -13,12 +13,13 @@ from tqdm.auto import tqdm
 
 from ..arch.adapter import MoEModel, open_model
 from ..errors import ConfigError, OptionsError
-from ..parallel import check_workers, process_pool, worker_threads
+from ..memory import check_fits, dynamic_estimate
+from ..parallel import LOCAL, check_workers, process_pool, worker_threads
 from ..results import Results, RunWriter, config_hash, load_results
 from ..static.run import check_dense_model
 from ..validate import first_nonfinite_layer, nonfinite_tokens, poisoned_states_error
 from .forward import LayerTrace, forward_pass
-from .inputs import Document, documents_hash, encode_documents
+from .inputs import Document, context_length, documents_hash, encode_documents
 from .loader import load_model, load_tokenizer, resolve_device, resolve_dtype
 from .shards import (LayerAccumulators, Shard, accumulate_layer, cross_layer_accumulators, layer_results,
                      routing_of, split_shards)
@@ -60,12 +61,18 @@ def _check_tokenizers(tokenizer, dense_tokenizer) -> None:
 
 def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = None,
           out: str | Path = "moescope-runs/trace", options: TraceOptions | None = None, source: str = "text",
-          resume: bool = True, progress: bool = True, workers: int = 1, ray: str | None = None) -> Results:
+          resume: bool = True, progress: bool = True, memory_check: bool = True, workers: int = 1,
+          ray: str | None = None) -> Results:
     """Run the dynamic analyses on ``texts`` (each text a document); write and return the results.
 
     ``workers`` > 1 splits the documents into that many shards of whole forward batches, traced by parallel
     processes (``ray``: on a Ray cluster, "local" or an address); their accumulators merge into the results of
-    one process (docs/results.md says what is bit-identical)."""
+    one process (docs/results.md says what is bit-identical).
+
+    Before the model is loaded, the run is refused (``InsufficientMemoryError``) when its estimated peak memory
+    (local workers: each with its model and shard) exceeds what is free on the CPU or the GPU
+    (``memory_check=False`` or ``MOESCOPE_SKIP_MEMORY_CHECK=1`` skips that).
+    """
     opts = options or TraceOptions()
     check_workers(workers, ray)
     model = open_model(path)
@@ -78,13 +85,17 @@ def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = 
         raise OptionsError(f"layers {bad} are not MoE layers of this checkpoint; MoE layers: {model.moe_layers}")
     model.check()
     tokenizer = load_tokenizer(model)
-    context = int(model.config.get("max_position_embeddings") or model.config.get("max_seq_len") or 4096)
-    documents = encode_documents(tokenizer, list(texts), context, opts.max_tokens)
+    documents = encode_documents(tokenizer, list(texts), context_length(model), opts.max_tokens)
     dense_model = open_model(dense) if dense is not None else None
     if dense_model is not None:
         check_dense_model(model, dense_model, layers)
         dense_model.check()
         _check_tokenizers(tokenizer, load_tokenizer(dense_model))
+    shards = split_shards(documents, opts.batch_size, workers)
+    if memory_check and ray in (None, LOCAL):  # (a remote Ray cluster's machines are not this one)
+        device, largest = resolve_device(opts.device), max(shards, key=lambda shard: shard.tokens)
+        check_fits(dynamic_estimate(model, [len(d.ids) for d in largest.documents], opts, device, layers, dense_model,
+                                    workers=len(shards)), device)
     checkpoint = {"path": str(model.checkpoint.path), "family": model.family.name,
                   "config_sha256": config_hash(model.config),
                   "dense": None if dense_model is None else {"path": str(dense_model.checkpoint.path),
@@ -95,7 +106,6 @@ def trace(path: str | Path, texts: Sequence[str], *, dense: str | Path | None = 
     writer.write_json("inputs", _inputs_table(tokenizer, documents))
     todo = [l for l in layers if not writer.done(l)]
     if todo:
-        shards = split_shards(documents, opts.batch_size, workers)
         pad_id = tokenizer.pad_token_id or 0
         if len(shards) == 1:
             poisoned = _trace_here(model, dense_model, layers, todo, shards[0], opts, writer, pad_id, progress)

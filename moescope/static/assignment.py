@@ -20,7 +20,8 @@ import numpy as np
 
 from ..errors import MoescopeError
 
-__all__ = ["Assignment", "AssignmentInputError", "compiled_available", "linear_assignment", "many_assignments"]
+__all__ = ["Assignment", "AssignmentInputError", "assignment_memory", "compiled_available", "linear_assignment",
+           "many_assignments"]
 
 _BIG_INDEX = np.iinfo(np.int32).max
 _METHODS = ("auto", "sparse", "scipy")
@@ -149,6 +150,25 @@ def linear_assignment(score: Any, *, maximize: bool = True, method: str = "auto"
         rows, cols = rows[order], cols[order]
     total = float(C[rows, cols].sum(dtype=np.float64))
     return Assignment(rows.astype(np.int64), cols.astype(np.int64), total, solver, certified, rounds, gap)
+
+
+def assignment_memory(rows: int, cols: int, itemsize: int = 8) -> int:
+    """Rough peak bytes ``linear_assignment`` needs beyond a ``rows`` x ``cols`` score matrix of ``itemsize``-byte
+    floats: a transposed copy when rows > cols, then either the sparse engine's work (column-block maxima of the
+    candidate pass, the candidate graph with the entries certification adds, per-row and per-column arrays) or,
+    where scipy solves it (small problems, no numba), scipy's negated float64 copy. A fallback to scipy after a
+    failed certification (rare) would need that copy too."""
+    n, m = min(rows, cols), max(rows, cols)
+    transposed = n * m * itemsize if rows > cols else 0
+    if n * m < _SMALL or not compiled_available():
+        return transposed + n * m * (8 if itemsize == 8 else itemsize + 8)
+    kr, kc = min(_ROW_K, m), min(_COL_K, n)
+    block_rows = min(16, max(4, n // (8 * max(kc, 1))))  # as in _candidates
+    block_maxima = -(-n // block_rows) * m * itemsize
+    edges = 2 * (n * kr + m * kc) + n * _VIOL_CAP       # candidates, widened rows and added violations
+    graph = edges * (4 + 8 + 2 * 4)                      # CSR indices, costs, and the extra (row, col) lists
+    per_line = n * (4 * _VIOL_CAP + 64) + m * 32         # checker state, potentials, matchings
+    return transposed + block_maxima + (n * kr + m * kc) * 4 + graph + per_line
 
 
 def _transpose(C: np.ndarray) -> np.ndarray:

@@ -70,6 +70,16 @@ def cosine_matrix(x: Tensor, y: Tensor | None = None, *, dtype: torch.dtype = to
     return out
 
 
+def cosine_matrix_memory(rows_x: int, rows_y: int, dim: int, itemsize: int) -> tuple[int, int]:
+    """Bytes of ``cosine_matrix``'s [rows_x, rows_y] result in a dtype of ``itemsize`` bytes, and of the
+    temporaries it holds beside the result at its peak: the normalised copies of both inputs, or, for long
+    vectors (``dim`` > ``DIRECT_K``), the float64 product (cast afterwards) and its float64 column blocks."""
+    result = rows_x * rows_y * itemsize
+    if dim <= DIRECT_K:
+        return result, (rows_x + rows_y) * dim * itemsize
+    return result, (rows_x * rows_y * 8 if itemsize != 8 else 0) + 2 * BLOCK_ELEMS * 8
+
+
 def _nonzero(norm: Tensor) -> Tensor:
     """Norms with zeros replaced by 1, so that a zero vector gets cosine 0."""
     return torch.where(norm > 0, norm, torch.ones_like(norm))
@@ -81,6 +91,21 @@ def _row_norms(x: Tensor) -> Tensor:
     for cols in column_blocks(x.shape[1], x.shape[0]):
         sq += x[:, cols].double().square().sum(dim=1)
     return sq.sqrt()
+
+
+def row_products(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For rows of ``x`` and ``y`` [N, D]: (x_i . y_i, |x_i|^2, |y_i|^2), accumulated in float64 in one pass."""
+    out = [torch.zeros(x.shape[0], dtype=torch.float64, device=x.device) for _ in range(3)]
+    for cols in column_blocks(x.shape[1], 2 * x.shape[0]):
+        bx, by = x[:, cols].double(), y[:, cols].double()
+        for acc, (u, v) in zip(out, ((bx, by), (bx, bx), (by, by))):
+            acc += torch.linalg.vecdot(u, v)
+    return out[0], out[1], out[2]
+
+
+def cosine_from_products(dot: Tensor, xx: Tensor, yy: Tensor) -> Tensor:
+    """Cosine from a dot product and squared norms (0 where a vector is zero), clamped to [-1, 1]."""
+    return (dot / (_nonzero(xx.sqrt()) * _nonzero(yy.sqrt()))).clamp(-1.0, 1.0)
 
 
 def column_blocks(length: int, rows: int) -> Iterator[slice]:

@@ -75,6 +75,21 @@ def stream_layer(readers: Sequence[RowReader], rows: int, cols: int, neuron_axis
     return _stream_layer_torch(readers, rows, cols, neuron_axis, k=k, budget_bytes=budget_bytes, device=device)
 
 
+def pass_memory(members: int, rows: int, cols: int, budget_bytes: int, device: str | torch.device = "cpu") -> int:
+    """Bytes ``stream_layer`` holds at most for ``members`` matrices of ``rows`` x ``cols``: its chunks as the
+    budget counts them (an upper bound: views of an mmap-ed checkpoint take no anonymous memory) plus its
+    accumulators (Gram matrices per thread, neuron-averaged sums)."""
+    if torch.device(device).type == "cpu":
+        most = max(b - a for a, b in _compiled_chunks(rows, members, cols, budget_bytes))
+        chunks = 2 * _ELEMENT_BYTES * members * most * cols
+        accumulators = 2 * max(1, torch.get_num_threads()) * (members + 4) ** 2 * 8  # padded to the kernels' tile
+    else:
+        most = max(b - a for a, b in chunk_rows(rows, (8 * members + 4) * cols, budget_bytes * 7 // 8))
+        chunks = most * (8 * members + 4) * cols + 3 * members * min(_BLOCK, most * cols) * 8
+        accumulators = 2 * members * members * 8
+    return chunks + accumulators + members * (rows + cols) * 8
+
+
 def warm_up() -> bool:
     """Load the compiled kernels now; True when they are in use.
 
