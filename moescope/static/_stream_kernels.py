@@ -133,24 +133,12 @@ def _load(addrs, like, start, nb, x, s, rowsum, row_sums):
 
 
 @njit(**_OPTS)
-def _sum_rows(addrs, like, cols, r0, r1, c0, c1, out):
-    """out[a, c0:c1] += sum of member a's rows r0:r1 (columns c0:c1), four rows at a time."""
-    nb = c1 - c0
-    for a in range(addrs.shape[0]):
-        acc = _row(out, a, c0, nb)
-        r = r0
-        while r + TILE <= r1:
-            p0 = _source(addrs, like, a, r * cols + c0, nb)
-            p1 = _source(addrs, like, a, (r + 1) * cols + c0, nb)
-            p2 = _source(addrs, like, a, (r + 2) * cols + c0, nb)
-            p3 = _source(addrs, like, a, (r + 3) * cols + c0, nb)
-            for j in range(nb):
-                acc[j] += (_widen(p0[j]) + _widen(p1[j])) + (_widen(p2[j]) + _widen(p3[j]))
-            r += TILE
-        for rr in range(r, r1):
-            p0 = _source(addrs, like, a, rr * cols + c0, nb)
-            for j in range(nb):
-                acc[j] += _widen(p0[j])
+def _add_rows(x, n, nb, out, c0):
+    """out[a, c0:c0 + nb] += x[a, :nb] for every member a < n (the column sums behind the averages)."""
+    for a in range(n):
+        acc, xa = _row(out, a, c0, nb), _row(x, a, 0, nb)
+        for j in range(nb):
+            acc[j] += xa[j]
 
 
 @njit(**_OPTS)
@@ -367,14 +355,14 @@ def accumulate(addrs, like, cols, r0, r1, c0, c1, neuron_axis, gram, zgram, avg_
     w = np.empty(BLOCK)
     spread = np.empty(BLOCK)
     rowsum = np.zeros(n)
-    if neuron_axis == 0:
-        _sum_rows(addrs, like, cols, r0, r1, c0, c1, avg_cols)
     for r in range(r0, r1):
         for a in range(n):
             rowsum[a] = 0.0
         for b0 in range(c0, c1, BLOCK):
             nb = min(BLOCK, c1 - b0)
             _load(addrs, like, r * cols + b0, nb, x, s, rowsum, neuron_axis != 0)
+            if neuron_axis == 0:
+                _add_rows(x, n, nb, avg_cols, b0)
             _gram(x, nb, gram, False, n, s, w)
             if n < 2:
                 continue
