@@ -86,6 +86,15 @@ def test_workers_trace_shards_whose_merged_results_equal_one_process(tiny, tmp_p
     assert_same_results(one, two)
 
 
+def test_device_map_gives_the_cpu_results(tiny, tmp_path, assert_same_results):
+    """--device map loads with accelerate's device_map (all on the CPU here, where there is no GPU)."""
+    command = ["trace", str(tiny("mixtral").path), "--builtin", "short", "--dtype", "float32", "--bootstrap", "20",
+               "--quiet"]
+    assert main([*command, "--device", "cpu", "--out", str(tmp_path / "cpu")]) == 0
+    assert main([*command, "--device", "map", "--out", str(tmp_path / "map")]) == 0
+    assert_same_results(load_results(tmp_path / "cpu"), load_results(tmp_path / "map"))
+
+
 @pytest.mark.parametrize("module, args, message", [
     ("ray", ["--workers", "2", "--ray"], "--ray needs Ray installed"),
     ("accelerate", ["--device", "map"], "pip install accelerate"),
