@@ -66,7 +66,8 @@ def _cmd_weights(args: argparse.Namespace) -> None:
     r2 = results.summary.get("gate_r2_mean", {})
     print(f"wrote {len(results.layers)} layer(s) to {results.path}")
     for m, kinds in r2.items():
-        print(f"  gate-embedding R² ({m}): matrix-level {_fmt(kinds['flat'])}, neuron-averaged {_fmt(kinds['averaged'])}")
+        print(f"  gate-embedding R² ({m}): matrix-level {_fmt(kinds['flat'])}, "
+              f"neuron-averaged {_fmt(kinds['averaged'])}")
 
 
 def _cmd_trace(args: argparse.Namespace) -> None:

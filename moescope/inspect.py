@@ -154,7 +154,8 @@ def matching_plan(model: MoEModel, pairs: str = "all", calibrate: bool = True, m
         n = min(width, 512)
         g = torch.Generator().manual_seed(0)
         base = torch.nn.functional.normalize(torch.randn(n, 64, generator=g), dim=1)
-        noisy = torch.nn.functional.normalize(base[torch.randperm(n, generator=g)] + 0.5 * torch.randn(n, 64, generator=g), dim=1)
+        shuffled = base[torch.randperm(n, generator=g)]
+        noisy = torch.nn.functional.normalize(shuffled + 0.5 * torch.randn(n, 64, generator=g), dim=1)
         start = time.perf_counter()
         solve_assignment(base @ noisy.T)
         seconds = (time.perf_counter() - start) * (width / n) ** 2.5 * assignments

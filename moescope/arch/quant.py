@@ -22,7 +22,8 @@ def dequantize_fp8_blocks(weight: torch.Tensor, scale_inv: torch.Tensor, block: 
 
 
 def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """MXFP4 ``blocks [..., G, 16]`` (uint8, two e2m1 values a byte) and ``scales [..., G]`` (E8M0) -> float32 ``[..., G*32]``."""
+    """MXFP4 ``blocks [..., G, 16]`` (uint8, two e2m1 values a byte) and ``scales [..., G]`` (E8M0)
+    -> float32 ``[..., G*32]``."""
     if blocks.shape[:-1] != scales.shape:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} and scales {tuple(scales.shape)} disagree")
     lo = FP4_VALUES[(blocks & 0x0F).long()]

@@ -49,7 +49,8 @@ def as_members(members: Members) -> list[Tensor]:
 def cosine_matrix(x: Tensor, y: Tensor | None = None, *, dtype: torch.dtype = torch.float32) -> Tensor:
     """Cosine of every row of ``x`` [N, D] with every row of ``y`` [N', D]: [N, N'].
 
-    With ``y`` omitted (``y = x``) the result is exactly symmetric with a unit diagonal. Norms are accumulated in float64; dot products longer than ``DIRECT_K`` (flattened matrices) too, in blocks.
+    With ``y`` omitted (``y = x``) the result is exactly symmetric with a unit diagonal. Norms are accumulated in
+    float64; dot products longer than ``DIRECT_K`` (flattened matrices) too, in blocks.
     """
     check_dtype(dtype)
     if x.ndim != 2 or (y is not None and (y.ndim != 2 or y.shape[1] != x.shape[1])):
