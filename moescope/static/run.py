@@ -38,7 +38,8 @@ class WeightsOptions:
     match: str = "each"                      # each: match every matrix separately (the study); gate | up |
                                              # down: match once on that matrix; concat: once on all matrices
     dtype: str = "float64"                   # accumulation dtype of neuron-level analyses
-    memory_budget: int = 2 << 30             # bytes for one streamed chunk of a layer (matrix-level pass)
+    memory_budget: int = 2 << 30             # bytes for one streamed chunk of a layer (matrix level) and for
+                                             # the similarity matrices of pairs matched at once
 
     def __post_init__(self) -> None:
         bad = [m for m in self.matrices if m not in MATRICES]
