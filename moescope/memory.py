@@ -134,8 +134,8 @@ def _neuron_level(hidden: int, widths: list[int], opts, device: str) -> list[Pha
     n_a, n_b = sorted(widths)[-2:]
     similarity, normalised = cosine_matrix_memory(n_a, n_b, hidden, itemsize)
     shape = f"{n_a} x {n_b} {opts.dtype}"
-    members = Part("members", "members held (float32)", held, where,
-                   f"--memory-budget below {format_bytes(opts.memory_budget)}")
+    members = (Part("members", "members held (float32)", held, where,
+                    f"--memory-budget below {format_bytes(opts.memory_budget)}"), *_shared_matching(member, opts, where))
     sim = Part("similarity", f"neuron similarity matrix {shape}", similarity, where,
                ("WeightsOptions(dtype='float32'), half the size, or " if itemsize > 4 else "") + "--no-neuron-level")
     solve = [Part("solver", "assignment solver work", assignment_memory(n_a, n_b, itemsize), CPU, "--no-neuron-level")]
@@ -146,11 +146,23 @@ def _neuron_level(hidden: int, widths: list[int], opts, device: str) -> list[Pha
         if where == CPU else ()
     at_once = pairs_at_once(n_a * n_b, opts, where == GPU)  # pairs matched in parallel threads
     pair = (sim, Part("normalised", "normalised neuron vectors", normalised, where))
+    if opts.match == "concat" and len(opts.matrices) > 1:  # match_members: a running sum beside each matrix's C
+        pair += (Part("score", f"summed similarity of the matrices {shape}", similarity, where, "--match each"),)
     return [Phase("neuron_similarity", f"neuron level: similarity of the widest pair ({n_a} x {n_b})",
-                  (members, *_several(pair, at_once), *kept)),
+                  (*members, *_several(pair, at_once), *kept)),
             Phase("neuron_assignment", f"neuron level: matching the widest pair ({n_a} x {n_b})",
-                  (members, *_several((sim, *solve), at_once), *kept)),
-            Phase("neuron_pca", "neuron level: PCA", (members, *_neuron_pca(hidden, widths, opts, where), *kept))]
+                  (*members, *_several((sim, *solve), at_once), *kept)),
+            Phase("neuron_pca", "neuron level: PCA", (*members, *_neuron_pca(hidden, widths, opts, where), *kept))]
+
+
+def _shared_matching(member: list[int], opts, where: str) -> tuple[Part, ...]:
+    """``--match`` other than each: ``SharedMatcher`` keeps members of its matrices, a share of the budget each."""
+    if opts.match == "each":
+        return ()
+    on = len(opts.matrices) if opts.match == "concat" else 1
+    held = on * min(sum(member), max(opts.memory_budget // on, 2 * max(member)) + max(member))
+    return (Part("shared_members", f"members held for --match {opts.match} (float32)", held, where,
+                 f"--memory-budget below {format_bytes(opts.memory_budget)}, or --match each"),)
 
 
 def _several(parts: tuple[Part, ...], count: int) -> tuple[Part, ...]:

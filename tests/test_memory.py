@@ -53,6 +53,20 @@ def test_members_held_follow_the_cache_rule(tiny):
         assert memory.static_estimate(model, WeightsOptions(memory_budget=budget)).part("members") == held
 
 
+def test_one_matching_per_pair_counts_its_members_and_running_sum(tiny):
+    model = open_model(tiny("mixtral").path)
+    member = model.expert_width * model.hidden_size * 4
+    E, budget = model.num_experts, 4 * model.expert_width * model.hidden_size * 4
+    each = memory.static_estimate(model, WeightsOptions(memory_budget=budget))
+    concat = memory.static_estimate(model, WeightsOptions(memory_budget=budget, match="concat"))
+    gate = memory.static_estimate(model, WeightsOptions(memory_budget=budget, match="gate"))
+    # SharedMatcher: one MemberCache per matched matrix, budget // matrices each (at least 2 members + 1 loading)
+    assert concat.part("shared_members") == 3 * min(E * member, max(budget // 3, 2 * member) + member)
+    assert gate.part("shared_members") == min(E * member, max(budget, 2 * member) + member)
+    assert concat.part("score") == concat.part("similarity") and gate.part("score") == 0
+    assert each.part("shared_members") == 0 and concat.peak()[0] > each.peak()[0]
+
+
 def test_matrix_level_chunks_stay_within_the_budget_whatever_the_layer():
     budget = 64 << 20
     sizes = {rows: pass_memory(8, rows, 4096, budget) for rows in (3584, 14336, 57344)}  # Mixtral width, up to 4x
