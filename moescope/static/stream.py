@@ -386,18 +386,14 @@ def _stream_layer_compiled(kern, readers: Sequence[RowReader], rows: int, cols: 
     threads = max(1, torch.get_num_threads())
     pool = _pool("compute", threads)
     chunks = _compiled_chunks(rows, n, cols, budget_bytes)
-    # neuron_axis 0: threads take column ranges of each chunk (each owns its columns' sums); 1: row ranges
-    col_spans = _spans(cols, threads, 8)
-    slots = len(col_spans) if neuron_axis == 0 else threads
-    gram, zgram = np.zeros((slots, m, m)), np.zeros((slots, m, m))
-    avg_cols = np.zeros((n, cols) if neuron_axis == 0 else (n, 0))
+    # threads take row ranges of each chunk, each with its own sums (column sums too: summed in order at the end)
+    gram, zgram = np.zeros((threads, m, m)), np.zeros((threads, m, m))
+    avg_cols = np.zeros((threads, n, cols) if neuron_axis == 0 else (threads, n, 0))
     avg_rows = np.zeros((n, rows) if neuron_axis != 0 else (n, 0))
     for start, stop, chunk in _prepared_chunks(readers, chunks, cols):
-        work = ([(0, stop - start, c0, c1) for c0, c1 in col_spans] if neuron_axis == 0 else
-                [(r0, r1, 0, cols) for r0, r1 in _spans(stop - start, threads)])
-        _run(pool, [(kern.accumulate, chunk.addrs, chunk.like, cols, r0, r1, c0, c1, neuron_axis, gram[i], zgram[i],
-                     avg_cols, avg_rows, start) for i, (r0, r1, c0, c1) in enumerate(work)])
-    averaged = avg_cols / rows if neuron_axis == 0 else avg_rows / cols
+        _run(pool, [(kern.accumulate, chunk.addrs, chunk.like, cols, r0, r1, 0, cols, neuron_axis, gram[i], zgram[i],
+                     avg_cols[i], avg_rows, start) for i, (r0, r1) in enumerate(_spans(stop - start, threads))])
+    averaged = avg_cols.sum(0) / rows if neuron_axis == 0 else avg_rows / cols
     similarity = _cosine(_symmetric(gram.sum(0)[:n, :n]))
     averaged_similarity = _cosine(torch.from_numpy(kern.row_gram(averaged)))
     if n < 2:
