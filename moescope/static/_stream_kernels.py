@@ -346,7 +346,7 @@ def accumulate(addrs, like, cols, r0, r1, c0, c1, neuron_axis, gram, zgram, avg_
     dtype). gram, zgram: [M, M] float64 (M = padded(N)), entries a <= b < N hold the sums; avg_cols: [N, cols]
     column sums (neuron_axis 0); avg_rows: [N, all rows] row sums (neuron_axis 1, c0:c1 whole rows), this
     chunk's row 0 being row ``row0``. Releases the GIL: callers run disjoint ranges on threads, each with its
-    own gram and zgram (column ranges for neuron_axis 0, row ranges for 1: no two threads add to one average).
+    own gram, zgram and avg_cols (row ranges: for neuron_axis 1, no two threads add to one row's average).
     """
     n, m = addrs.shape[0], gram.shape[0]
     x = np.zeros((m, BLOCK))
