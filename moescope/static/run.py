@@ -157,10 +157,17 @@ class SharedMatcher:
         labels, widths = _layer_members(model, dense_model, layer)
         on = list(opts.matrices) if opts.match == "concat" else [opts.match]
         self.index = {label: i for i, label in enumerate(labels)}
-        self.caches = {m: MemberCache(_member_loader(model, layer, m, labels, widths,
-                                                     _dense_matrix(dense_model, layer, m, device), device),
+        self.dense = {m: _dense_matrix(dense_model, layer, m, device) for m in on}  # F's matrices, read once
+        self.caches = {m: MemberCache(_member_loader(model, layer, m, labels, widths, self.dense[m], device),
                                       opts.memory_budget // len(on)) for m in on}
         self.dtype, self.lock, self.found = dtype, threading.Lock(), {}
+
+    def loader(self, matrix: str, labels: list[str]):
+        """index into ``labels`` -> that member's ``matrix``, from this matcher's cache (no second read)."""
+        def load(index: int) -> torch.Tensor:
+            with self.lock:
+                return self.caches[matrix][self.index[labels[index]]]
+        return load
 
     def __call__(self, label_a: str, label_b: str) -> Matching:
         key = (label_a, label_b)
@@ -246,7 +253,8 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
         if opts.neuron_level and opts.match != "each" else None
     for m in opts.matrices:
         labels, widths = _layer_members(model, dense_model, layer)
-        dense_matrix = _dense_matrix(dense_model, layer, m, device)
+        reuse = shared is not None and m in shared.caches  # the matcher already reads this matrix
+        dense_matrix = shared.dense[m] if reuse else _dense_matrix(dense_model, layer, m, device)
         health, t, x = _checked_matrix_level(model, layer, m, labels, widths, dense_matrix, opts, device)
         keep = health.keep
         kept_labels, kept_widths = [labels[i] for i in keep], [widths[i] for i in keep]
@@ -257,7 +265,8 @@ def analyse_layer(model: MoEModel, dense_model: MoEModel | None, layer: int, opt
         t["gate_regression"] = {kind: _regression(x[key][routed][:, routed], router_kept) for kind, key in
                                 (("flat", "matrix_similarity"), ("averaged", "neuron_avg_similarity"))}
         if opts.neuron_level:
-            load = _member_loader(model, layer, m, kept_labels, kept_widths, dense_matrix, device)
+            load = shared.loader(m, kept_labels) if reuse else \
+                _member_loader(model, layer, m, kept_labels, kept_widths, dense_matrix, device)
             t2, x2 = _neuron_level(kept_labels, kept_widths, load, x["matrix_similarity"], m, opts, dtype,
                                    shared)
             t.update(t2)
