@@ -20,54 +20,16 @@ Matrices are the strong / weak / uniform kinds of bench_assignment.py.
 Run: python benchmarks/assignment_alternatives.py [--sizes 1024 2048 4096] [--rect 1024x1408] [--repeat 3]
      (needs the bench extra: pip install -e .[bench])
 
-Figures (2 vCPU AMD EPYC Zen 4, CPU only, torch 2.13, lap 0.5.13; default run):
-     shape     kind     solver   best s  vs scipy  vs moe          total   rel gap exact  note
- 1024x1024   strong      scipy    0.012      1.0x    0.4x     819.651569   0.0e+00   yes
- 1024x1024   strong   moescope    0.004      2.7x    1.0x     819.651569   0.0e+00   yes  sparse-certified certified
- 1024x1024   strong      lapjv    0.002      6.8x    2.5x     819.651569   0.0e+00   yes
- 1024x1024   strong  lapmod-16    0.012      1.0x    0.4x     819.651569   0.0e+00   yes
- 1024x1024   strong  lapmod-32    0.012      1.0x    0.4x     819.651569   0.0e+00   yes
- 1024x1024   strong    auction    0.084      0.1x    0.1x     819.651569   0.0e+00   yes  cpu
- 1024x1024     weak      scipy    0.046      1.0x    0.2x     144.195768   0.0e+00   yes
- 1024x1024     weak   moescope    0.008      5.8x    1.0x     144.195768   0.0e+00   yes  sparse-certified certified
- 1024x1024     weak      lapjv    0.048      1.0x    0.2x     144.195768   0.0e+00   yes
- 1024x1024     weak  lapmod-16    0.015      3.1x    0.5x     144.184863   7.6e-05    NO
- 1024x1024     weak  lapmod-32    0.016      2.9x    0.5x     144.195156   4.2e-06    NO
- 1024x1024     weak    auction    0.349      0.1x    0.0x     144.195768   0.0e+00   yes  cpu
- 1024x1024  uniform      scipy    0.052      1.0x    0.1x    1020.692598   0.0e+00   yes
- 1024x1024  uniform   moescope    0.007      7.3x    1.0x    1020.692598   0.0e+00   yes  sparse-certified certified
- 1024x1024  uniform      lapjv    0.023      2.2x    0.3x    1020.692598   0.0e+00   yes
- 1024x1024  uniform  lapmod-16    0.015      3.5x    0.5x    1020.692598   0.0e+00   yes
- 1024x1024  uniform  lapmod-32    0.016      3.2x    0.4x    1020.692598   0.0e+00   yes
- 1024x1024  uniform    auction    0.472      0.1x    0.0x    1020.692598   0.0e+00   yes  cpu
- 2048x2048   strong      scipy    0.045      1.0x    0.3x    1637.726863   0.0e+00   yes
- 2048x2048   strong   moescope    0.012      3.8x    1.0x    1637.726863   0.0e+00   yes  sparse-certified certified
- 2048x2048   strong      lapjv    0.013      3.4x    0.9x    1637.726863   0.0e+00   yes
- 2048x2048   strong  lapmod-16    0.050      0.9x    0.2x    1637.726863   0.0e+00   yes
- 2048x2048   strong  lapmod-32    0.051      0.9x    0.2x    1637.726863   0.0e+00   yes
- 2048x2048   strong    auction    0.300      0.1x    0.0x    1637.726863   0.0e+00   yes  cpu
- 2048x2048     weak      scipy    0.257      1.0x    0.1x     304.815424   0.0e+00   yes
- 2048x2048     weak   moescope    0.017     15.3x    1.0x     304.815424   0.0e+00   yes  sparse-certified certified
- 2048x2048     weak      lapjv    0.269      1.0x    0.1x     304.815424   0.0e+00   yes
- 2048x2048     weak  lapmod-16    0.058      4.4x    0.3x     304.792598   7.5e-05    NO
- 2048x2048     weak  lapmod-32    0.062      4.2x    0.3x     304.815424   0.0e+00   yes
- 2048x2048     weak    auction    0.837      0.3x    0.0x     304.815424   0.0e+00   yes  cpu
- 2048x2048  uniform      scipy    0.382      1.0x    0.1x    2044.627858   0.0e+00   yes
- 2048x2048  uniform   moescope    0.020     19.6x    1.0x    2044.627858   0.0e+00   yes  sparse-certified certified
- 2048x2048  uniform      lapjv    0.074      5.1x    0.3x    2044.627858   0.0e+00   yes
- 2048x2048  uniform  lapmod-16    0.054      7.1x    0.4x    2044.627858   0.0e+00   yes
- 2048x2048  uniform  lapmod-32    0.056      6.8x    0.3x    2044.627858   0.0e+00   yes
- 2048x2048  uniform    auction    1.014      0.4x    0.0x    2044.627858   0.0e+00   yes  cpu
- 1024x1408   strong      scipy    0.007      1.0x    0.5x     819.618559   0.0e+00   yes
- 1024x1408   strong   moescope    0.004      1.9x    1.0x     819.618559   0.0e+00   yes  sparse-certified certified
- 1024x1408   strong      lapjv    0.080      0.1x    0.0x     819.618559   0.0e+00   yes
- 1024x1408     weak      scipy    0.018      1.0x    0.3x     150.624517   0.0e+00   yes
- 1024x1408     weak   moescope    0.005      3.6x    1.0x     150.624517   0.0e+00   yes  sparse-certified certified
- 1024x1408     weak      lapjv    0.167      0.1x    0.0x     150.624517   0.0e+00   yes
- 1024x1408  uniform      scipy    0.019      1.0x    0.3x    1022.042214   0.0e+00   yes
- 1024x1408  uniform   moescope    0.005      3.9x    1.0x    1022.042214   0.0e+00   yes  sparse-certified certified
- 1024x1408  uniform      lapjv    0.133      0.1x    0.0x    1022.042214   0.0e+00   yes
-(lapmod and auction rows of 1024x1408 are "skipped: square only".)
+Figures (2 vCPU AMD EPYC Zen 4, CPU only, torch 2.13, lap 0.5.13; best s, scipy / moescope / lapjv /
+lapmod-16 / lapmod-32 / auction; every solver exact unless a gap is given):
+  1024  strong   0.012 / 0.004 / 0.002 / 0.012 / 0.012 / 0.084
+        weak     0.046 / 0.008 / 0.048 / 0.015 / 0.016 / 0.349   lapmod gaps 7.6e-5 (k=16), 4.2e-6 (k=32)
+        uniform  0.052 / 0.007 / 0.023 / 0.015 / 0.016 / 0.472
+  2048  strong   0.045 / 0.012 / 0.013 / 0.050 / 0.051 / 0.300
+        weak     0.257 / 0.017 / 0.269 / 0.058 / 0.062 / 0.837   lapmod-16 gap 7.5e-5
+        uniform  0.382 / 0.020 / 0.074 / 0.054 / 0.056 / 1.014
+  1024x1408 (scipy / moescope / lapjv): strong 0.007 / 0.004 / 0.080, weak 0.018 / 0.005 / 0.167,
+        uniform 0.019 / 0.005 / 0.133
 With --sizes 4096 (best s, scipy / moescope / lapjv / lapmod-16 / lapmod-32 / auction):
   strong   0.176 / 0.035 / 0.055 / 0.201 / 0.202 / 1.16   all exact
   weak     1.233 / 0.056 / 1.090 / 0.224 / 0.235 / 3.11   lapmod-16 gap 4.5e-05, others exact
