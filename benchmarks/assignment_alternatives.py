@@ -105,9 +105,10 @@ def solve_lapmod(c: np.ndarray, k: int) -> tuple[np.ndarray, str]:
     cols, note = topk_graph(c, k)
     keep = np.ones(cols.shape, bool)
     keep[:, 1:] = cols[:, 1:] != cols[:, :-1]  # the diagonal may repeat a top-k column
-    rows = np.repeat(np.arange(n), keep.sum(1))
+    per_row = keep.sum(1)
+    rows = np.repeat(np.arange(n), per_row)
     kk = cols[keep].astype(np.int32)
-    ii = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int32)
+    ii = np.concatenate([[0], np.cumsum(per_row)]).astype(np.int32)
     _, x, _ = lap.lapmod(n, (float(c.max()) - c[rows, kk]).astype(np.float64), ii, kk)
     return x.astype(np.int64), note
 
